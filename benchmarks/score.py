@@ -1,7 +1,10 @@
 """Scoring throughput (sequences/s) of the project's scoring path (`mrm_jax.evaluate.scoring.score_records`:
-host processing + batched, jitted reward-model forward) on synthetic items.
+host processing + batched, jitted reward-model forward sharded data-parallel over the devices) on
+synthetic items.
 
     python benchmarks/score.py                                   # tiny Qwen2-VL, CPU
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/score.py --devices 2
+                                                                 # the sharded path on 2 CPU "devices"
     python benchmarks/score.py --preset qwen2-vl-2b --dtype bfloat16 --n 256 --batch-size 32 \
         --image-size 448 --text-tokens 700                       # the GPU workload of shared/bench
 
@@ -70,7 +73,9 @@ def main(argv=None) -> int:
   p.add_argument("--preset", default="tiny", help="qwen2_vl preset: tiny (CPU), qwen2-vl-2b, qwen2-vl-7b")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--n", type=int, default=64, help="scoring records")
-  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--batch-size", type=int, default=16,
+                 help="global records per step (rounded up to a multiple of the device count)")
+  p.add_argument("--devices", type=int, default=None, help="shard over the first N local devices (default: all)")
   p.add_argument("--image-size", type=int, default=56, help="image side in pixels (a multiple of 28)")
   p.add_argument("--text-tokens", type=int, default=48, help="about this many words of question + answer")
   p.add_argument("--json", metavar="FILE", help="also write the figures here")
@@ -78,23 +83,25 @@ def main(argv=None) -> int:
 
   import jax
 
-  from mrm_jax.evaluate.scoring import score_records
+  from mrm_jax.evaluate.scoring import score_records, scoring_mesh, step_rows
 
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     (tmp / "images").mkdir()
     recs = synthetic_records(tmp / "images", args.n, args.image_size, args.text_tokens)
     model, processor = build(args.preset, args.dtype, args.image_size, tmp / "model")
+    mesh = scoring_mesh(devices=jax.local_devices()[:args.devices] if args.devices else None)
     t0 = time.perf_counter()
-    first = score_records(model, processor, recs, tmp / "images", args.batch_size, progress=False)
+    first = score_records(model, processor, recs, tmp / "images", args.batch_size, progress=False, mesh=mesh)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    second = score_records(model, processor, recs, tmp / "images", args.batch_size, progress=False)
+    second = score_records(model, processor, recs, tmp / "images", args.batch_size, progress=False, mesh=mesh)
     seconds = time.perf_counter() - t0
   same = all(abs(a - b) <= 1e-6 * max(1.0, abs(a)) for a, b in zip(first, second))
   result = {"preset": args.preset, "dtype": args.dtype, "n": args.n, "batch_size": args.batch_size,
             "image_size": args.image_size, "text_tokens": args.text_tokens, "backend": jax.default_backend(),
-            "devices": jax.device_count(), "first_pass_s": round(compile_s, 3), "seconds": round(seconds, 3),
+            "devices": int(mesh.devices.size), "rows_per_step": step_rows(args.batch_size, mesh)[0],
+            "first_pass_s": round(compile_s, 3), "seconds": round(seconds, 3),
             "sequences_per_s": round(args.n / seconds, 2), "deterministic": same}
   print(json.dumps(result))
   if args.json:

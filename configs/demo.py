@@ -5,8 +5,9 @@ weights, so it is random-initialised with the config's `initializer_range`, see
 mrm_jax/demo/model_dir.py). Every sequence of the world is at most 128 tokens (two-image T2I
 pairs are the longest), so three short buckets replace the generic 1024-token shape. The learning
 rate is the largest that stays stable: at 3e-3 the tiny model's rewards collapse to a constant
-(gradient norm ~0.003) after a few dozen steps on the world's mixture; at 1e-3 it reads colours
-from the pixels of the world's same-style pairs within about a hundred steps (world.py, "Learnability").
+(gradient norm ~0.01) within a hundred steps; at 2e-3 it reads colours from the pixels, reaching
+held-out 0.93 after 200 steps and 0.99 after 300 on the world's debiased + T2I pairs (world.py,
+"Learnability").
 """
 
 from mrm_jax.config import base_config
@@ -24,7 +25,7 @@ def get_config(arg=None):
   c.data.min_pixels = 28 * 28
   c.train.num_steps = 300
   c.train.batch_size = 16
-  c.train.learning_rate = 1e-3
+  c.train.learning_rate = 2e-3
   c.train.warmup_ratio = 0.1
   c.train.log_every = 10
   c.train.checkpoint_every = 100

@@ -79,12 +79,12 @@ def _true_answers(qtype: str, facts: dict) -> set:
 
 def test_answer_templates_hand_checked():
   f = {"color": "red", "shape": "circle", "count": 2, "background": "white", "position": None}
-  assert scenes.answer("color", f, "short") == "Red."
+  assert scenes.answer("color", f, "short") == "Answer: red."
   assert scenes.answer("count", f, "sentence") == "There are two shapes in the image."
-  assert scenes.answer("shape", f, "short") == "Circles."
+  assert scenes.answer("shape", f, "short") == "Answer: circles."
   assert scenes.answer("describe", f, "sentence") == (
       "The image shows two circles on a white background, and they are red.")
-  assert scenes.answer("describe", f, "short") == "Two circles on a white background, red."
+  assert scenes.answer("describe", f, "short") == "Answer: two circles on a white background, red."
   assert scenes.answer("color", f, "verbose", 0) == (
       "Looking at the image carefully, the shapes stand out clearly against the white background. "
       "In short, the shapes are red.")
@@ -94,15 +94,15 @@ def test_answer_templates_hand_checked():
   assert scenes.answer("color", f, "markdown") == "**Answer**\n\n- Background: white\n- The shapes are red."
   one = {"color": "blue", "shape": "triangle", "count": 1, "background": "gray", "position": "top right"}
   assert scenes.answer("position", one, "sentence") == "The triangle is in the top right corner."
-  assert scenes.answer("shape", one, "short") == "A triangle."
+  assert scenes.answer("shape", one, "short") == "Answer: a triangle."
   assert scenes.answer("describe", one, "markdown") == (
       "**Answer**\n\n- Background: gray\n- The image shows a triangle on a gray background, and it is blue.")
   assert scenes.question("color", one, 0) == "What color is the shape?"
   assert scenes.caption(one, 1) == "A picture of a blue triangle on a gray background."
-  # Every style ends with the words that decide correctness.
+  # Every style ends with the words that decide correctness, spelt the same way (one token).
   for style in scenes.STYLES:
     for qtype in ("color", "describe"):
-      assert scenes.answer(qtype, one, style, 7).lower().endswith("blue.")
+      assert scenes.answer(qtype, one, style, 7).endswith(" blue.")
 
 
 def test_world_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path, world):
@@ -150,47 +150,44 @@ def test_world_truth_agrees_with_the_pixels(world):
 def test_candidate_sets(world):
   sets = _jsonl(world / "candidates.jsonl")
   truth = {(r["images"][0], r["question"], r["answer"]): r["correct"] for r in _jsonl(world / "world_truth.jsonl")}
-  styles_seen, set_styles = set(), []
+  styles_seen, n_answers = set(), []
   for s in sets:
     assert set(s) == {"id", "images", "question", "reference", "responses", "models"}
     assert 2 <= len(s["responses"]) <= 3 and len(set(s["responses"])) == len(s["responses"])
     assert len(s["models"]) == len(s["responses"])
     flags = [truth[(s["images"][0], s["question"], r)] for r in s["responses"]]
     assert any(flags) and not all(flags)
-    # One or two styles, each with its answers differing only in the colour they name.
-    assert len(set(s["models"])) in (1, 2)
-    by_style = {}
-    for model, response, flag in zip(s["models"], s["responses"], flags):
-      by_style.setdefault(model, []).append((_mask_colours(response), flag))
-    for answers in by_style.values():
-      assert len({text for text, _ in answers}) == 1 and sum(flag for _, flag in answers) <= 1
-    set_styles.append(len(by_style))
+    # One model (style and wording) per set: its answers differ only in the colour they name.
+    assert len(set(s["models"])) == 1
+    assert len({_mask_colours(r) for r in s["responses"]}) == 1 and sum(flags) == 1
+    n_answers.append(len(s["responses"]))
     styles_seen.update(s["models"])
-  assert 0.7 < set_styles.count(1) / len(sets) < 1
+  assert 0.1 < n_answers.count(3) / len(sets) < 0.3
   assert styles_seen == {"terse-vl", "plain-vl", "chatty-vl", "markdown-vl"}
   lengths = [len(r) for s in sets for r in s["responses"]]
   assert max(lengths) > 5 * min(lengths)   # style variants of very different length
 
 
-def test_constructed_pairs_mostly_contrast_right_and_wrong_and_show_the_length_bias(tmp_path):
+def test_constructed_pairs_contrast_right_and_wrong_in_one_style(tmp_path):
   from mrm_jax.construct.pairs import construct_files
-  from mrm_jax.construct.style import style_report
+  from mrm_jax.curate.loop import curate_config
 
   out = tmp_path / "w"
   generate_world(out, _cfg(seed=3, extra=["--config.world.n_candidates=240", "--config.world.n_t2i=1",
                                          "--config.world.n_noisy=2", "--config.world.n_heldout=2"]))
   truth = {(r["images"][0], r["question"], r["answer"]): r["correct"] for r in _jsonl(out / "world_truth.jsonl")}
-  pairs, _ = construct_files(out / "candidates.jsonl", out / "judgments.jsonl", 0.5)
-  kinds = [(truth[(p["images"][0], p["question"], p["chosen"])], truth[(p["images"][0], p["question"], p["rejected"])])
-           for p in pairs]
-  right_wrong = kinds.count((True, False)) / len(kinds)
-  assert right_wrong > 0.6 and kinds.count((False, True)) < 0.03 * len(kinds)
-  # Wordier models are right more often (and the judge likes length): a measurable style bias.
-  report = style_report(pairs)
-  assert report["chosen_longer"] > 1.2 * report["chosen_shorter"] and report["probe_accuracy"] is not None
-  across = [p for p in pairs if _mask_colours(p["chosen"]) != _mask_colours(p["rejected"])]   # two styles
-  assert 0.05 * len(pairs) < len(across) < 0.4 * len(pairs)
-  assert sum(len(p["chosen"]) > len(p["rejected"]) for p in across) > 0.8 * len(across)
+  kinds = {}
+  for min_gap in (0.5, curate_config().min_gap):
+    pairs, _ = construct_files(out / "candidates.jsonl", out / "judgments.jsonl", min_gap)
+    kinds[min_gap] = [(truth[(p["images"][0], p["question"], p["chosen"])],
+                       truth[(p["images"][0], p["question"], p["rejected"])]) for p in pairs]
+    assert all(_mask_colours(p["chosen"]) == _mask_colours(p["rejected"]) for p in pairs)   # never a style contrast
+  loose, world_gap = kinds[0.5], kinds[curate_config().min_gap]
+  # Two wrong answers differ only by judge noise and misreads: the world's min_gap drops most of those
+  # pairs and (almost) no right-vs-wrong one.
+  assert loose.count((False, False)) > 2 * world_gap.count((False, False))
+  assert world_gap.count((True, False)) > 0.97 * loose.count((True, False))
+  assert world_gap.count((True, False)) > 0.9 * len(world_gap) and world_gap.count((False, True)) < 0.02 * len(world_gap)
 
 
 def _repair_parse(raw: str) -> list[float]:

@@ -89,7 +89,8 @@ def curate_config() -> ml_collections.ConfigDict:
   c.image_root = ""           # root of every image path; default data.image_root, else the noisy file's folder
   c.world_dir = ""            # an embedded world (mrm_jax.demo): noisy pairs, base data, truth and model from it
   c.truth = ""                # optional ground truth: noisy_truth.json or world_truth.jsonl (report only)
-  c.min_gap = 0.5             # `construct --min-gap` for the world's debiased pairs
+  c.min_gap = 2.0             # `construct --min-gap` for the world's debiased pairs: right vs wrong
+                              # answers differ by ~5.5 judge points, two wrong ones by noise only
   c.t2i_seed = 42             # `t2i --seed` for the world's T2I pairs
   c.flip_fraction = 0.5
   c.min_votes = 2

@@ -22,13 +22,16 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 56
 CELL = IMAGE_SIZE // 2
 
+# Six colours near the corners of the RGB cube, as far apart as six colours can be: a random vision
+# tower maps nearby colours to nearby features, and with orange beside red and yellow and purple
+# beside blue (the first palette) those pairs were the last the tiny model told apart, or never.
 COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 205, 30),
-    "purple": (140, 60, 180),
-    "orange": (245, 130, 20),
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 50, 230),
+    "yellow": (240, 220, 30),
+    "purple": (200, 40, 210),
+    "cyan": (20, 210, 210),
 }
 BACKGROUNDS = {
     "white": (245, 245, 245),
@@ -184,8 +187,8 @@ def answer(qtype: str, facts: dict, style: str, variant: int = 0) -> str:
   two-layer model learns far faster than finding them anywhere in a long answer.
   """
   core, sentence = core_answer(qtype, facts), _sentence(qtype, facts)
-  if style == "short":
-    return core[0].upper() + core[1:] + "."
+  if style == "short":   # "Answer: red." keeps the deciding word the same token as in every other style
+    return f"Answer: {core}."
   if style == "sentence":
     return sentence
   if style == "verbose":

@@ -24,13 +24,15 @@ held-out accuracy of 0.9 within a few hundred CPU steps, and what it can learn t
 the world (measured with configs/demo.py; see tests/test_demo_learns.py):
 - Questions ask for the colour of the shapes, or for a description whose only hallucinated
   attribute is that colour. Colour is read from the pixels within ~100 steps; count, shape and
-  position questions (texts for them still exist in scenes.py) and pairs whose answers differ in
-  style as well as content kept the model at chance for 300 steps.
-- Pairs contrast a right and a wrong answer in the same style and wording (held-out and noisy
-  pairs always, constructed pairs mostly), and every style ends with the deciding words, so the
-  difference sits at the same distance from the token the reward is read from.
-- The style bias DESIGN §7 measures still exists: some candidate sets pair a wordy model's right
-  answer with wrong answers in a shorter style too, and the judge prefers longer answers a little.
+  position questions (texts for them still exist in scenes.py) kept the model at chance for 300.
+- Every pair contrasts answers in one style and wording (candidate sets come from one model; held-
+  out and noisy pairs likewise), and every style ends with the deciding words, spelt as the same
+  token in every style, so the difference sits at the same distance from the token the reward is
+  read from. Pairs whose answers also differ in style are what this model cannot afford: with 8%
+  of them (a wordier model right, a terser one wrong) it fell into "longer wins" and stopped
+  learning (held-out 0.50 after 300 steps, against 0.99 without them), and length-balanced
+  resampling (`construct --balance-length`) did not rescue it. The world therefore has no style
+  bias for the construction report to find; its measurement is tested on fixtures that have one.
 - T2I pairs are few (two-image sequences are the longest) and differ in colour only, which the
   caption names.
 """
@@ -56,8 +58,8 @@ QUESTION_WEIGHTS = {"color": 0.8, "describe": 0.2}
 ERROR_ATTRIBUTES = {"color": ("color",), "describe": ("color",)}
 # Share of each answer style (verbose and markdown answers are long: they cost sequence length).
 STYLE_WEIGHTS = {"short": 0.3, "sentence": 0.3, "verbose": 0.2, "markdown": 0.2}
-# Share of candidate sets whose answers all come in one style (the others mix two styles).
-ONE_STYLE_SETS = 0.9
+# Share of candidate sets with two hallucinated answers (the others have one).
+THREE_ANSWER_SETS = 0.2
 # Generator names per answer style: the "models" field of candidate sets.
 STYLE_MODELS = {"short": "terse-vl", "sentence": "plain-vl", "verbose": "chatty-vl", "markdown": "markdown-vl"}
 REFERENCE_WRONG_P = 0.1   # the judge is told the reference may be wrong; sometimes it is
@@ -181,11 +183,9 @@ def _pair_set(rng: np.random.Generator, images: _Images, prefix: str, n: int, tr
 def _candidates(rng: np.random.Generator, images: _Images, n: int, repeats: int, truth: list[dict]):
   """Candidate sets and their stored listwise judgments.
 
-  Most sets (ONE_STYLE_SETS) hold a right and a hallucinated answer in one style and wording:
-  pairs that differ only in what the image decides, the pairs a tiny model learns from. The
-  others hold the right answer of a wordier model and two hallucinated ones, in its style and in
-  a shorter one: there the chosen answer is the longer one (and between the two wrong answers the
-  judge's own length bias decides), the length bias the construction report measures.
+  A set holds a right answer and one or two hallucinated ones (THREE_ANSWER_SETS), all from one
+  model: one style and wording, differing only in what the image decides. Between two wrong
+  answers the judge has nothing but noise to go on; construct's `min_gap` drops those pairs.
   """
   sets, judgments, kinds = [], [], Counter()
   for i in range(n):
@@ -195,12 +195,9 @@ def _candidates(rng: np.random.Generator, images: _Images, n: int, repeats: int,
     cid = f"cand-{i:05d}"
     img = images.write(cid, scene)
     q = IMAGE_PLACEHOLDER + scenes.question(qtype, facts, int(rng.integers(2)))
-    if rng.random() < ONE_STYLE_SETS:   # one style: a right and a hallucinated answer
-      styles = _styles(rng, 1)
-      slots = [(styles[0], True), (styles[0], False)]
-    else:   # two styles: the wordier model is right, both are wrong in their own words
-      styles = sorted(_styles(rng, 2), key=scenes.STYLES.index, reverse=True)   # the longer style first
-      slots = [(styles[0], True), (styles[0], False), (styles[1], False)]
+    styles = _styles(rng, 1)
+    n_wrong = 2 if rng.random() < THREE_ANSWER_SETS else 1
+    slots = [(styles[0], True)] + [(styles[0], False)] * n_wrong
     variants = {style: int(rng.integers(9)) for style in styles}   # one wording per style
     responses, info, used_colours = [], [], ()
     for style, correct in slots:

@@ -1,15 +1,29 @@
-"""Batched scoring of records with a reward model (library; `mrm-jax score`, evaluation and curation
-call it).
+"""Batched, sharded scoring of records with a reward model (library; `mrm-jax score`, evaluation and
+curation call it).
 
-Records are encoded on the host, sorted by length so each batch pads little, padded to a few static
-shapes (sequence length and patch budget rounded up to buckets, so jit compiles a handful of
-programs), scored with one jitted forward, and returned in input order.
+Records are deduplicated (identical images / videos / system / question / answer are encoded and
+scored once), encoded on the host, sorted by length so each batch pads little, and padded to a few
+static shapes (sequence length and patch budget rounded up to buckets, so jit compiles a handful
+of programs). A step's global batch is split into one sub-batch per data shard of the mesh; each
+sub-batch is collated on its own (its own vision patches and host-computed indices), the stack of
+them is laid out one sub-batch per device, and a jitted `vmap` of the model runs them, so every
+device encodes its own images and texts: the vision tower is data-parallel too, not replicated.
+Parameters are replicated (or sharded by `mrm_jax.train.sharding`'s rules on a mesh with fsdp /
+tensor axes); rewards come back fully replicated, so every process holds every score.
+
+Multi-host: with `devices=jax.devices()` (what `mrm-jax score` passes) every process must call
+with the same records; each encodes the whole chunk (the same global order everywhere) but
+collates and transfers only the sub-batches of its own devices. The default is this process's
+local devices, so callers that hand each process different records (curation) stay independent.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Callable, Sequence
+from collections import Counter
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,79 +38,201 @@ def _bucket(n: int, base: int) -> int:
   return size
 
 
+def scoring_key(record: dict) -> str:
+  """What the processor reads of a scoring record (images, videos, system, question, answer),
+  hashed: records with equal keys encode identically, so they are scored once. (`score_key` of
+  mrm_jax.data.records is coarser on purpose: it drops `<image>` placeholders and the system
+  prompt, which change the encoding.)"""
+  images = record.get("images") or []
+  if isinstance(images, str):
+    images = [images]
+  payload = [list(images), record.get("videos") or [], record.get("system"), record.get("question"),
+             record.get("answer")]
+  return hashlib.sha1(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def scoring_mesh(mesh=None, devices=None):
+  """The mesh scoring runs on: `mesh` as given, else a data-parallel mesh over `devices` (default:
+  this process's local devices)."""
+  if mesh is not None:
+    return mesh
+  import jax
+
+  from mrm_jax.train import sharding as shd
+  return shd.make_mesh({"data": -1}, jax.local_devices() if devices is None else devices)
+
+
+def step_rows(batch_size: int, mesh) -> tuple[int, int]:
+  """(rows per step, rows per data shard): `batch_size` rounded up to a multiple of the mesh's
+  data shards (data x fsdp); the padding rows are empty and their scores discarded."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  per = -(-batch_size // shards)
+  return per * shards, per
+
+
 def score_records(model, processor, records: Sequence[dict], image_root, batch_size: int = 8, *,
                   max_len: int = 4096, where: Callable[[int], str] | None = None, seq_bucket: int = 64,
-                  patch_bucket: int = 256, chunk: int | None = None, progress: bool = True) -> list[float]:
+                  patch_bucket: int = 256, chunk: int | None = None, progress: bool = True, mesh=None,
+                  devices=None) -> list[float]:
   """Rewards (floats, input order) for scoring records (`images`, `question`, `answer`, `system`?).
 
-  `where(i)` names record i in error messages (default "record i+1"). Records are processed in chunks
-  of `chunk` (default 32 batches) so host memory stays bounded on large files.
+  `where(i)` names record i in error messages (default "record i+1"). `batch_size` is the global
+  batch per step, rounded up to a multiple of the mesh's data shards. `mesh` / `devices`: see
+  `scoring_mesh`. Records are processed in chunks of `chunk` (default 32 steps) so host memory
+  stays bounded on large files.
+  """
+  scores: list[float] = []
+  for _, got in iter_score_chunks(model, processor, records, image_root, batch_size, max_len=max_len, where=where,
+                                  seq_bucket=seq_bucket, patch_bucket=patch_bucket, chunk=chunk,
+                                  progress=progress, mesh=mesh, devices=devices):
+    scores.extend(got)
+  return scores
+
+
+def iter_score_chunks(model, processor, records: Sequence[dict], image_root, batch_size: int = 8, *,
+                      start: int = 0, known: dict[str, float] | None = None, max_len: int = 4096,
+                      where: Callable[[int], str] | None = None, seq_bucket: int = 64, patch_bucket: int = 256,
+                      chunk: int | None = None, progress: bool = True, mesh=None,
+                      devices=None) -> Iterator[tuple[int, list[float]]]:
+  """Yields `(first index, scores)` for consecutive chunks of `records[start:]`, in input order.
+
+  Chunk boundaries lie on the fixed grid `start + k * chunk`, and `known` (scoring_key → score,
+  updated in place) holds scores of earlier records, so a run resumed at a chunk boundary with the
+  scores logged so far computes exactly what the uninterrupted run computed.
   """
   import jax
   from tqdm import tqdm
 
   where = where or (lambda i: f"record {i + 1}")
-  forward = _jitted_forward()
-  unit = processor.config.merge_size ** 2
-  chunk = chunk or 32 * batch_size
-  scores: list[float | None] = [None] * len(records)
-  bar = tqdm(total=len(records), desc="scoring", unit="rec", disable=not progress)
-  for start in range(0, len(records), chunk):
-    idx = list(range(start, min(start + chunk, len(records))))
-    encoded = {i: processor.encode(records[i], image_root, max_len, where(i)) for i in idx}
-    order = sorted(idx, key=lambda i: (encoded[i].length, encoded[i].num_patches))
-    for b0 in range(0, len(order), batch_size):
-      ids = order[b0:b0 + batch_size]
-      exs = [encoded[i] for i in ids]
-      seq = _bucket(max(e.length for e in exs), seq_bucket)
-      patches = sum(e.num_patches for e in exs)
-      budget = 0 if patches == 0 else _bucket(patches, max(patch_bucket, unit) // unit * unit)
-      # rows padded to batch_size (empty rows) so the batch dimension is static too
-      pad = [_empty_like(processor, exs[0])] * (batch_size - len(exs))
-      batch = processor.collate(exs + pad, seq_len=seq, patch_budget=budget)
-      rewards = np.asarray(jax.device_get(forward(model, batch)))
-      for i, r in zip(ids, rewards[:len(ids)]):
-        scores[i] = float(r)
-      bar.update(len(ids))
-    del encoded
+  mesh = scoring_mesh(mesh, devices)
+  rows, per_shard = step_rows(batch_size, mesh)
+  chunk = chunk or 32 * rows
+  known = {} if known is None else known
+  runner = _Runner(model, mesh) if start < len(records) else None
+  bar = tqdm(total=max(0, len(records) - start), desc="scoring", unit="rec",
+             disable=not progress or jax.process_index() != 0)
+  for c0 in range(start, len(records), chunk):
+    idx = range(c0, min(c0 + chunk, len(records)))
+    keys = [scoring_key(records[i]) for i in idx]
+    todo: dict[str, int] = {}  # key → first index, in input order
+    for i, k in zip(idx, keys):
+      if k not in known and k not in todo:
+        todo[k] = i
+    mult = Counter(keys)
+    encoded = {k: processor.encode(records[i], image_root, max_len, where(i)) for k, i in todo.items()}
+    order = sorted(todo, key=lambda k: (encoded[k].length, encoded[k].num_patches))  # stable: ties in input order
+    shown = 0
+    for s0 in range(0, len(order), rows):
+      step = order[s0:s0 + rows]
+      rewards = runner(processor, [encoded[k] for k in step], per_shard, seq_bucket, patch_bucket)
+      for k, r in zip(step, rewards):
+        known[k] = float(r)
+      n = sum(mult[k] for k in step)
+      bar.update(n)
+      shown += n
+    bar.update(len(idx) - shown)  # records whose score was already known
+    encoded.clear()  # host memory: one chunk at a time
+    yield c0, [known[k] for k in keys]
   bar.close()
-  return scores  # type: ignore[return-value]
+
+
+class _Runner:
+  """Parameters placed on the mesh and the jitted, vmapped forward over per-shard sub-batches."""
+
+  def __init__(self, model, mesh):
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from mrm_jax.train import sharding as shd
+    self.mesh = mesh
+    self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    graphdef, state = nnx.split(model)
+    self.state = jax.device_put(state, shd.state_shardings(state, mesh))
+    self.forward = _jitted_forward(graphdef, mesh)
+    # sub-batch j lives on the devices of data shard j (repeated over the tensor axis)
+    self.sharding = NamedSharding(mesh, shd.batch_spec((self.shards,), mesh))
+    index_map = self.sharding.addressable_devices_indices_map((self.shards,))
+    self.local = sorted({j for idx in index_map.values() for j in range(self.shards)[idx[0]]})
+
+  def __call__(self, processor, exs: list, per_shard: int, seq_bucket: int, patch_bucket: int) -> np.ndarray:
+    import jax
+    unit = processor.config.merge_size ** 2
+    subs = [exs[j * per_shard:(j + 1) * per_shard] for j in range(self.shards)]
+    seq = _bucket(max(e.length for e in exs), seq_bucket)
+    most = max(sum(e.num_patches for e in sb) for sb in subs)
+    budget = 0 if most == 0 else _bucket(most, max(patch_bucket, unit) // unit * unit)
+    # rows padded to per_shard (empty rows) so every sub-batch has the same static shape
+    filler = _empty_like(processor, exs[0])
+    host = {j: processor.collate(subs[j] + [filler] * (per_shard - len(subs[j])), seq_len=seq, patch_budget=budget)
+            for j in self.local}
+    names = sorted({k for h in host.values() for k in h})
+    batch = {}
+    for name in names:
+      ref = next(h[name] for h in host.values() if name in h)
+
+      def part(index, name=name, ref=ref):
+        return np.stack([host[j].get(name, np.zeros_like(ref)) for j in range(self.shards)[index[0]]])
+
+      batch[name] = jax.make_array_from_callback((self.shards,) + ref.shape, self.sharding, part)
+    rewards = np.asarray(jax.device_get(self.forward(self.state, batch)))
+    return rewards.reshape(-1)[:len(exs)]
 
 
 def _empty_like(processor, example):
-  """A one-token filler row (no vision) used to pad the last batch to the static batch size."""
+  """A one-token filler row (no vision) used to pad a batch to its static size."""
   from mrm_jax.models.processor import Encoded
   dim = processor.config.vision.patch_dim
   return Encoded(np.asarray([processor.pad_id], np.int32), np.zeros((3, 1), np.int32), np.zeros((0, dim), np.float32),
                  np.zeros((0, 3), np.int32), {k: v[:0] for k, v in example.patch_arrays.items()})
 
 
-_FORWARD = None
+_FORWARDS: dict = {}
 
 
-def _jitted_forward():
-  global _FORWARD
-  if _FORWARD is None:
+def _jitted_forward(graphdef, mesh):
+  """`(state, batch [shards, rows, ...]) -> rewards [shards, rows]`, replicated on every device;
+  one jitted function per model structure and mesh, so repeated calls reuse compiled programs."""
+  key = (graphdef, mesh)
+  if key not in _FORWARDS:
     import jax
-    _FORWARD = jax.jit(lambda model, batch: model(batch))
-  return _FORWARD
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def forward(state, batch):
+      model = nnx.merge(graphdef, state)
+      return jax.vmap(lambda sub: model(sub))(batch)
+
+    _FORWARDS[key] = jax.jit(forward, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  return _FORWARDS[key]
 
 
 def score_file_records(model, processor, path, image_root=None, batch_size: int = 8, max_len: int = 4096,
-                       progress: bool = True) -> tuple[list[dict], list[float]]:
+                       progress: bool = True, **kwargs) -> tuple[list[dict], list[float]]:
   """Reads a scoring JSONL file (records validated, errors name file:line) and scores it; returns the
-  records as read (unmodified) and their scores."""
+  records as read (unmodified) and their scores. `kwargs` go to `score_records` (mesh, devices, ...)."""
+  from pathlib import Path
+
+  path = Path(path)
+  raw, records, lines = read_scoring_file(path)
+  root = Path(image_root) if image_root else path.parent
+  scores = score_records(model, processor, records, root, batch_size, max_len=max_len,
+                         where=lambda i: f"{path}:{lines[i]}", progress=progress, **kwargs)
+  return raw, scores
+
+
+def read_scoring_file(path) -> tuple[list[dict], list[dict], list[int]]:
+  """(records as read, normalised scoring records, line numbers) of a scoring JSONL file."""
   from pathlib import Path
 
   from mrm_jax.data.records import normalize_scoring
   from mrm_jax.io import iter_jsonl
   path = Path(path)
-  lines, raw, records = [], [], []
+  raw, records, lines = [], [], []
   for lineno, rec in iter_jsonl(path):
     records.append(normalize_scoring(rec, f"{path}:{lineno}"))
     raw.append(rec)
     lines.append(lineno)
-  root = Path(image_root) if image_root else path.parent
-  scores = score_records(model, processor, records, root, batch_size, max_len=max_len,
-                         where=lambda i: f"{path}:{lines[i]}", progress=progress)
-  return raw, scores
+  return raw, records, lines
