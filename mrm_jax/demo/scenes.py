@@ -22,9 +22,10 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 56
 CELL = IMAGE_SIZE // 2
 
-# Six colours near the corners of the RGB cube, as far apart as six colours can be: a random vision
+# Six colours at the corners of the RGB cube, as far apart as six colours can be: a random vision
 # tower maps nearby colours to nearby features, and with orange beside red and yellow and purple
 # beside blue (the first palette) those pairs were the last the tiny model told apart, or never.
+# Corners that differ in one channel are still the hardest pairs (see world.py, "Learnability").
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
