@@ -162,18 +162,24 @@ def _truth_record(images: list[str], q: str, a: str, correct: bool) -> dict:
   return {"images": images, "question": q, "answer": a, "correct": correct}
 
 
+def _asked(rng: np.random.Generator, images: _Images, name: str) -> tuple[str, dict, str, str]:
+  """A question type, a new scene written as images/NAME.png, and the question about it:
+  (qtype, facts, image path, question with its image placeholder)."""
+  qtype = _qtype(rng)
+  scene = _scene_for(rng, qtype)
+  facts = scene.facts()
+  img = images.write(name, scene)
+  return qtype, facts, img, IMAGE_PLACEHOLDER + scenes.question(qtype, facts, int(rng.integers(2)))
+
+
 def _pair_set(rng: np.random.Generator, images: _Images, prefix: str, n: int, truth: list[dict],
               source: str) -> list[dict]:
   """n canonical pairs: chosen a correct answer, rejected a hallucinated one in the same style and
   wording, so the pair differs only in what the image decides."""
   pairs = []
   for i in range(n):
-    qtype = _qtype(rng)
-    scene = _scene_for(rng, qtype)
-    facts = scene.facts()
     pid = f"{prefix}-{i:05d}"
-    img = images.write(pid, scene)
-    q = IMAGE_PLACEHOLDER + scenes.question(qtype, facts, int(rng.integers(2)))
+    qtype, facts, img, q = _asked(rng, images, pid)
     (style,), variant = _styles(rng, 1), int(rng.integers(9))
     chosen = scenes.answer(qtype, facts, style, variant)
     rejected = scenes.answer(qtype, _wrong(rng, qtype, facts)[0], style, variant)
@@ -193,12 +199,8 @@ def _candidates(rng: np.random.Generator, images: _Images, n: int, repeats: int,
   """
   sets, judgments, kinds = [], [], Counter()
   for i in range(n):
-    qtype = _qtype(rng)
-    scene = _scene_for(rng, qtype)
-    facts = scene.facts()
     cid = f"cand-{i:05d}"
-    img = images.write(cid, scene)
-    q = IMAGE_PLACEHOLDER + scenes.question(qtype, facts, int(rng.integers(2)))
+    qtype, facts, img, q = _asked(rng, images, cid)
     styles = _styles(rng, 1)
     n_wrong = 2 if rng.random() < THREE_ANSWER_SETS else 1
     slots = [(styles[0], True)] + [(styles[0], False)] * n_wrong
