@@ -46,7 +46,7 @@ def world(tmp_path_factory):
   from mrm_jax.demo.world import generate_world
   root = tmp_path_factory.mktemp("curate_world")
   cfg = load_config(CONFIG)
-  cfg.world.n_candidates, cfg.world.n_t2i, cfg.world.n_noisy, cfg.world.n_heldout = 8, 4, 12, 0
+  cfg.world.n_candidates, cfg.world.n_t2i, cfg.world.n_noisy, cfg.world.n_heldout = 8, 4, 20, 0
   generate_world(root, cfg)
   c = json.loads((root / "model" / "config.json").read_text())
   c["text_config"].update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
