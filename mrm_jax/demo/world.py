@@ -164,7 +164,7 @@ def _truth_record(images: list[str], q: str, a: str, correct: bool) -> dict:
 
 def _asked(rng: np.random.Generator, images: _Images, name: str) -> tuple[str, dict, str, str]:
   """A question type, a new scene written as images/NAME.png, and the question about it:
-  (qtype, facts, image path, question with its image placeholder)."""
+  (qtype, facts, image path, question starting with the `<image>` marker)."""
   qtype = _qtype(rng)
   scene = _scene_for(rng, qtype)
   facts = scene.facts()

@@ -41,7 +41,7 @@ def _bucket(n: int, base: int) -> int:
 def scoring_key(record: dict) -> str:
   """What the processor reads of a scoring record (images, videos, system, question, answer),
   hashed: records with equal keys encode identically, so they are scored once. (`score_key` of
-  mrm_jax.data.records is coarser on purpose: it drops `<image>` placeholders and the system
+  mrm_jax.data.records is coarser on purpose: it drops the `<image>` markers and the system
   prompt, which change the encoding.)"""
   images = record.get("images") or []
   if isinstance(images, str):
