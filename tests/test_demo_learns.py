@@ -39,6 +39,7 @@ def test_tiny_world_model_learns_colours_from_pixels(tmp_path):
   cfg.model.path = str(world / "model")
   cfg.data.train = f"{world / 'debiased.jsonl'},{world / 't2i_pairs.jsonl'}"
   cfg.data.eval = str(world / "heldout_pairs.jsonl")
+  cfg.train.num_epochs = 0   # count steps, not epochs
   cfg.train.num_steps = 200
   cfg.train.checkpoint_every = 1000
   cfg.train.tensorboard = False
