@@ -5,9 +5,9 @@ The world's pairs contrast a right and a hallucinated answer in one style and wo
 pairs that `construct` builds from the stored judge outputs (with the world's min_gap) and the T2I
 pairs reformulated by `t2i`. Nothing in the text tells chosen from rejected, so held-out accuracy
 (new scenes) above chance can only come from the vision tower reading the colour and the language
-model matching it against the answer. With configs/demo.py (lr 2e-3) and the world's model directory
-(initializer_range 0.1) it passes 0.9 after about a hundred steps of a 300-step schedule; 200 steps (a
-shorter cosine decay) leave a margin.
+model matching it against the answer. With configs/demo.py (lr 1e-3) and the world's model directory
+(initializer_range 0.1) it passes 0.9 within about a hundred steps of a 225-step schedule (the
+demo's three epochs); 200 steps here, counted in steps rather than epochs, leave a margin.
 """
 
 import os
