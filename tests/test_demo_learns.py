@@ -7,7 +7,7 @@ pairs reformulated by `t2i`. Nothing in the text tells chosen from rejected, so 
 (new scenes) above chance can only come from the vision tower reading the colour and the language
 model matching it against the answer. With configs/demo.py (lr 1e-3) and the world's model directory
 (initializer_range 0.1) it passes 0.9 within about a hundred steps of a 225-step schedule (the
-demo's three epochs); 200 steps here, counted in steps rather than epochs, leave a margin.
+demo's three epochs, configs/curate_demo.py); 200 steps leave a margin.
 """
 
 import os
@@ -39,7 +39,6 @@ def test_tiny_world_model_learns_colours_from_pixels(tmp_path):
   cfg.model.path = str(world / "model")
   cfg.data.train = f"{world / 'debiased.jsonl'},{world / 't2i_pairs.jsonl'}"
   cfg.data.eval = str(world / "heldout_pairs.jsonl")
-  cfg.train.num_epochs = 0   # count steps, not epochs
   cfg.train.num_steps = 200
   cfg.train.checkpoint_every = 1000
   cfg.train.tensorboard = False
