@@ -27,8 +27,8 @@ CONTRACT = ("round0_heldout_accuracy", "heldout_accuracy", "noise_precision", "n
 OVERRIDES = [f"--config.{k}={v}" for k, v in {
     "world.n_candidates": 10, "world.n_t2i": 6, "world.n_noisy": 30, "world.n_heldout": 12,
     "world.flip_fraction": 0.3, "curate.rounds": 1, "curate.score.batch_size": 8,
-    "train.num_epochs": 0, "train.num_steps": 4, "train.batch_size": 4, "train.checkpoint_every": 2, "train.log_every": 2,
-    "train.tensorboard": False, "data.seq_buckets": "(128,)", "data.num_workers": 1}.items()]
+    "train.num_epochs": 0, "train.num_steps": 4, "train.batch_size": 4, "train.checkpoint_every": 2,
+    "train.log_every": 2, "train.tensorboard": False, "data.seq_buckets": "(128,)", "data.num_workers": 1}.items()]
 ARGS = ["--size", "small", "--seed", "3"]
 
 

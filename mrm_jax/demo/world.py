@@ -37,7 +37,7 @@ the world (measured with configs/demo.py; see tests/test_demo_learns.py):
   corners that differ in one channel: a demo run trained 300 steps per round took cyan for green or
   blue; a five-colour palette without cyan instead left red/purple and green/yellow wrong (round-0
   held-out 0.905), so which nearby pair stays hard depends on the draw. Training long enough is what
-  closes them (configs/demo.py counts epochs; the runs measured then leave one or two errors).
+  closes them (configs/curate_demo.py counts epochs; the runs measured then leave at most two errors).
 - T2I pairs are few (two-image sequences are the longest) and differ in colour only, which the
   caption names.
 """

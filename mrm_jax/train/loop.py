@@ -243,9 +243,10 @@ def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None, mode
   train_data = data_factory(cfg, "train", model_path)
   num_steps = int(tc.num_steps)
   if tc.get("num_epochs", 0) and hasattr(train_data, "steps_per_epoch"):
-    num_steps = int(math.ceil(tc.num_epochs * train_data.steps_per_epoch(tc.grad_accum)))
+    per_epoch = train_data.steps_per_epoch(tc.grad_accum)
+    num_steps = int(math.ceil(tc.num_epochs * per_epoch))
     log.info("%g epochs of %d steps: %d steps (train.num_epochs overrides train.num_steps; set it to 0 to "
-             "count steps)", tc.num_epochs, train_data.steps_per_epoch(tc.grad_accum), num_steps)
+             "count steps)", tc.num_epochs, per_epoch, num_steps)
   setup = Setup(cfg, num_steps=num_steps, model_factory=model_factory, init_from=init_from, devices=devices)
   primary = jax.process_index() == 0
 
