@@ -103,6 +103,30 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     f.write("\n")
 
 
+def _complete_records(data: bytes) -> tuple[list[dict], int]:
+  """(records, byte length) of an append log's leading complete lines: a torn or unparsable line
+  ends them."""
+  records, good_end, pos = [], 0, 0
+  for raw in data.splitlines(keepends=True):
+    pos += len(raw)
+    if not raw.endswith(b"\n"):
+      break  # torn last line: dropped
+    text = raw.decode("utf-8", errors="replace").strip()
+    if text:
+      try:
+        records.append(json.loads(text))
+      except json.JSONDecodeError:
+        break
+    good_end = pos
+  return records, good_end
+
+
+def read_append_log(path: str | os.PathLike) -> list[dict]:
+  """An AppendLog's complete records, read-only (another process may be the one that repairs it)."""
+  path = Path(path)
+  return _complete_records(path.read_bytes())[0] if path.is_file() else []
+
+
 class AppendLog:
   """An append-only JSONL file for resumable work: each record is flushed and fsynced
   as soon as it is written, and opening it repairs a torn last line left by a kill."""
@@ -117,18 +141,7 @@ class AppendLog:
     if not self.path.exists():
       return []
     data = self.path.read_bytes()
-    records, good_end, pos = [], 0, 0
-    for raw in data.splitlines(keepends=True):
-      pos += len(raw)
-      if not raw.endswith(b"\n"):
-        break  # torn last line: dropped
-      text = raw.decode("utf-8", errors="replace").strip()
-      if text:
-        try:
-          records.append(json.loads(text))
-        except json.JSONDecodeError:
-          break
-      good_end = pos
+    records, good_end = _complete_records(data)
     if good_end != len(data):
       with open(self.path, "r+b") as f:
         f.truncate(good_end)

@@ -92,28 +92,12 @@ def _valid_prefix(entries: list[dict], settings: dict, keys: list[str]) -> list[
   return good
 
 
-def _read_log(path: Path) -> list[dict]:
-  """A progress log's complete lines (read-only: the writing process repairs torn lines)."""
-  import json
-  if not path.is_file():
-    return []
-  out = []
-  for line in path.read_bytes().splitlines(keepends=True):
-    if not line.endswith(b"\n"):
-      break
-    try:
-      out.append(json.loads(line))
-    except ValueError:
-      break
-  return out
-
-
 def _open_progress(path: Path, settings: dict, keys: list[str], resume: bool, primary: bool):
   """(chunks to reuse, AppendLog or None). Process 0 repairs / rewrites the log; the others read it
   after it has (a shared filesystem, like the input and output)."""
   import jax
 
-  from mrm_jax.io import AppendLog, atomic_open, dumps
+  from mrm_jax.io import AppendLog, atomic_open, dumps, read_append_log
   good: list[dict] = []
   progress = None
   if primary:
@@ -136,7 +120,7 @@ def _open_progress(path: Path, settings: dict, keys: list[str], resume: bool, pr
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("mrm-jax score: progress log ready")
     if not primary:
-      good = _valid_prefix(_read_log(path), settings, keys) if resume else []
+      good = _valid_prefix(read_append_log(path), settings, keys) if resume else []
     done = sum(len(e["scores"]) for e in good)
     seen = multihost_utils.process_allgather(np.asarray([done], np.int64)).ravel()
     if len(set(seen.tolist())) != 1:
