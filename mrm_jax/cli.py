@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-from mrm_jax import __version__
+from mrm_jax import __version__, console
 from mrm_jax.errors import UserError
 
 # name -> (module, one-line help). Register a command only when it works.
@@ -45,7 +44,19 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
     if name == selected:
       p.set_defaults(_module=module)
       importlib.import_module(module).add_arguments(p)
+  _verbose_anywhere(parser)
   return parser
+
+
+def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
+  """`-v` after the (sub)command too (`mrm-jax judge -v`, `mrm-jax curate run ... -v`): every subparser
+  gets the flag, defaulting to SUPPRESS so that leaving it out there keeps the top-level value."""
+  for action in parser._actions:  # noqa: SLF001 - argparse keeps its subparsers nowhere public
+    if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+      for p in action.choices.values():
+        if "-v" not in p._option_string_actions and "--verbose" not in p._option_string_actions:  # noqa: SLF001
+          p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        _verbose_anywhere(p)
 
 
 def _selected_command(argv: list[str]) -> str | None:
@@ -59,14 +70,14 @@ def _selected_command(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  console.quiet_third_party(verbose=bool({"-v", "--verbose"} & set(argv)))
   selected = _selected_command(argv)
   parser = _build_parser(selected)
   args, extra = parser.parse_known_args(argv)
   if args.command is None:
     parser.print_help()
     return 2
-  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                      format="%(asctime)s %(levelname).1s %(name)s] %(message)s", datefmt="%H:%M:%S")
+  console.setup_logging(args.verbose)
   module = importlib.import_module(args._module)
   # Commands that take `--config.KEY=VALUE` overrides receive them as `args.overrides`.
   if getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False):
@@ -76,14 +87,16 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return int(module.run(args) or 0)
   except UserError as e:
-    print(f"mrm-jax {args.command}: error: {e}", file=sys.stderr)
+    console.print_error(f"mrm-jax {args.command}: error: {e}")
     return 2
   except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-    print(f"mrm-jax {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+    console.print_error(f"mrm-jax {args.command}: error: {e.filename}: {e.strerror}")
     return 2
   except KeyboardInterrupt:
-    print(f"mrm-jax {args.command}: interrupted", file=sys.stderr)
+    console.print_error(f"mrm-jax {args.command}: interrupted")
     return 130
+  finally:
+    console.release_background_work()
 
 
 if __name__ == "__main__":

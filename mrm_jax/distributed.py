@@ -118,3 +118,11 @@ def _backend_is_cpu() -> bool:
     return platforms.split(",")[0].strip() == "cpu"
   import importlib.util
   return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (a no-op in a single process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -14,11 +14,6 @@ never leaves half a world; a world already there with the same seed and settings
 
 from __future__ import annotations
 
-import json
-import shutil
-import sys
-from pathlib import Path
-
 ACCEPTS_CONFIG_OVERRIDES = True
 
 
@@ -64,29 +59,6 @@ def load_demo_config(spec: str = "demo", overrides: list[str] | None = None, see
   return apply_overrides(cfg, list(overrides or []))
 
 
-def ensure_world(workdir: Path, cfg) -> tuple[Path, dict, bool]:
-  """WORKDIR/world for this config: reused when its world.json matches, else generated. Returns
-  (path, stats, reused)."""
-  from mrm_jax.demo.world import generate_world
-
-  target = workdir / "world"
-  stats_path = target / "world.json"
-  if stats_path.is_file():
-    try:
-      stats = json.loads(stats_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-      stats = {}
-    if stats.get("seed") == int(cfg.seed) and stats.get("config") == cfg.world.to_dict():
-      return target, stats, True
-  staging = workdir / ".world.partial"
-  shutil.rmtree(staging, ignore_errors=True)
-  stats = generate_world(staging, cfg, progress=lambda name: print(f"[world] {name}", file=sys.stderr))
-  if target.exists():
-    shutil.rmtree(target)
-  staging.rename(target)
-  return target, stats, False
-
-
 def world_table(stats: dict) -> str:
   j, noisy, held = stats["judgments"], stats["noisy"], stats["heldout"]
   kinds = ", ".join(f"{k} {v}" for k, v in j["kinds"].items() if k != "clean")
@@ -118,6 +90,7 @@ def run(args) -> int:
     run_demo(args.workdir, size=args.size, seed=args.seed, overrides=getattr(args, "overrides", []),
              config=args.config, progress=args.progress)
     return 0
+  from mrm_jax.demo.world import ensure_world
   cfg = load_demo_config(args.config, getattr(args, "overrides", []), args.seed, args.size)
   workdir = check_writable_dir(args.workdir)
   path, stats, reused = ensure_world(workdir, cfg)

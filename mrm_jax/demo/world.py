@@ -45,7 +45,10 @@ the world (measured with configs/demo.py; see tests/test_demo_learns.py):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -334,3 +337,24 @@ def generate_world(out_dir: str | Path, cfg: ml_collections.ConfigDict, progress
   }
   write_json(out / "world.json", stats)
   return stats
+
+
+def ensure_world(workdir: Path, cfg) -> tuple[Path, dict, bool]:
+  """WORKDIR/world for this config: reused when its world.json matches, else generated. Returns
+  (path, stats, reused)."""
+  target = workdir / "world"
+  stats_path = target / "world.json"
+  if stats_path.is_file():
+    try:
+      stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+      stats = {}
+    if stats.get("seed") == int(cfg.seed) and stats.get("config") == cfg.world.to_dict():
+      return target, stats, True
+  staging = workdir / ".world.partial"
+  shutil.rmtree(staging, ignore_errors=True)
+  stats = generate_world(staging, cfg, progress=lambda name: print(f"[world] {name}", file=sys.stderr))
+  if target.exists():
+    shutil.rmtree(target)
+  staging.rename(target)
+  return target, stats, False

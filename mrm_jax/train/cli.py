@@ -15,7 +15,9 @@ def add_arguments(parser) -> None:
       "Train a reward model (Bradley-Terry pair loss) on a (data, fsdp, tensor) device mesh. "
       "A WORKDIR that already holds checkpoints is resumed from the latest one. Writes "
       "WORKDIR/metrics.jsonl, WORKDIR/checkpoints/, WORKDIR/manifest.json and TensorBoard events. "
-      "Override any config key with --config.KEY=VALUE (e.g. --config.train.num_steps=200).")
+      "Override any config key with --config.KEY=VALUE (e.g. --config.train.num_steps=200). With "
+      "data.train empty (configs/demo.py) it trains the tiny demo model on the embedded world, generated "
+      "into WORKDIR/world, and evaluates it on the world's held-out pairs.")
   parser.add_argument("--config", required=True, metavar="CFG",
                       help="config file (path/to/cfg.py[:arg] or a name in configs/, e.g. qwen2_vl_2b)")
   parser.add_argument("--workdir", required=True, metavar="DIR", help="run directory (created if missing)")
@@ -49,9 +51,13 @@ def run(args) -> int:
     set_deterministic_flags()
   from mrm_jax import distributed
   distributed.initialize(args)
+  import jax
+  from mrm_jax.demo.training import use_embedded_world, wants_embedded_world
+  if wants_embedded_world(cfg, args.init_from):
+    cfg = use_embedded_world(cfg, args.workdir, primary=jax.process_index() == 0)
+    distributed.barrier("train:embedded-world")
   from mrm_jax.train.loop import train
   summary = train(cfg, args.workdir, init_from=args.init_from, progress=args.progress)
-  import jax
   if jax.process_index() == 0:
     print(json.dumps(summary, indent=2))
   return 0
