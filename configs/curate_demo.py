@@ -24,8 +24,7 @@ from mrm_jax.demo.world import world_config
 
 def get_config(arg=None):
   c = load_config_file(str(Path(__file__).with_name("demo.py")))
-  if "world" not in c:
-    c.world = world_config("small")
+  c.world = world_config("small")   # `mrm-jax demo` sets the size from --size
   c.train.num_epochs = 3   # overrides num_steps (set num_epochs=0 to count steps)
   c.curate = curate_config()
   c.curate.rounds = 2

@@ -12,6 +12,7 @@ a hundred steps; 2e-3, the previous setting, sits near that edge: its runs mostl
 """
 
 from mrm_jax.config import base_config
+from mrm_jax.demo.world import world_config
 
 
 def get_config(arg=None):
@@ -30,4 +31,7 @@ def get_config(arg=None):
   c.train.warmup_ratio = 0.1
   c.train.log_every = 10
   c.train.checkpoint_every = 100
+  # With data.train empty, `mrm-jax train` trains on this embedded world (WORKDIR/world, its debiased
+  # and T2I pairs; held-out pairs for eval): --config.world.size=small for a quick run.
+  c.world = world_config("full")
   return c
