@@ -173,10 +173,8 @@ def _process() -> tuple[int, int]:
 
 
 def _barrier(name: str) -> None:
-  import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"curate:{name}")
+  from mrm_jax.distributed import barrier
+  barrier(f"curate:{name}")
 
 
 # -- stages ---------------------------------------------------------------------------------------------
@@ -304,7 +302,7 @@ class _Curation:
       if not (world / "world.json").is_file():
         raise UserError(f"curate.world_dir {world}: not an embedded world (no world.json)")
     elif not cc.noisy and "world" in cfg:
-      from mrm_jax.demo.cli import ensure_world
+      from mrm_jax.demo.world import ensure_world
       if self.primary:
         ensure_world(self.workdir, cfg)
       _barrier("world")
