@@ -88,6 +88,9 @@ class TrainData:
   def __iter__(self):
     return self.pipeline
 
+  def close(self) -> None:
+    self.pipeline.close()
+
 
 def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
   """Every good pair of `data.eval` once, in file order, in batches of `train.batch_size` pairs
