@@ -29,12 +29,12 @@ WORDS = ("the a red green blue circle square triangle left right top bottom imag
          "object near corner background answer question describe colour shape").split()
 
 
-def make_data(root: Path, n_pairs: int, n_images: int, seed: int = 0) -> Path:
+def make_data(root: Path, n_pairs: int, n_images: int, size: int = 448, seed: int = 0) -> Path:
   from PIL import Image
   rng = np.random.default_rng(seed)
   (root / "img").mkdir(parents=True, exist_ok=True)
   for i in range(n_images):
-    arr = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
+    arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     Image.fromarray(arr).save(root / "img" / f"{i}.jpg", quality=90)
   text = lambda n: " ".join(rng.choice(WORDS, n))
   with open(root / "pairs.jsonl", "w") as f:
@@ -81,7 +81,51 @@ def measure(pairs: Path, processor, cores: int, batch: int, batches: int, warmup
           "batch_shapes": {k: list(v.shape) for k, v in b.items() if k in ("input_ids", "pixel_values")}}
 
 
-def main() -> None:
+_POOL = {}  # what each forked worker of `measure_pool` reads: the processor and the entries
+
+
+def _encode_pair(index: int):
+  """One pair → (chosen, rejected) encodings: what a tf.data worker of PairPipeline does per record."""
+  from mrm_jax.data.pipeline import check_pair
+  from mrm_jax.data.records import pair_to_scoring
+  entry, processor = _POOL["entries"][index], _POOL["processor"]
+  pair, _ = check_pair(entry)
+  chosen, rejected = pair_to_scoring(pair)
+  return tuple(processor.encode(r, entry.image_root, 1024, entry.where) for r in (chosen, rejected))
+
+
+def measure_pool(pairs: Path, processor, cores: int, batch: int, batches: int, warmup: int) -> dict:
+  """The same per-pair work (image decode, resize, patchify, chat template, tokenise, M-RoPE ids) in a
+  pool of `cores` forked processes, collated to the pipeline's static shapes in this one; no tf.data,
+  for machines without tensorflow. The figure to set beside a train step's pairs/s."""
+  import multiprocessing as mp
+
+  from mrm_jax.data import pipeline as pl
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"  # forked workers: no tokenizer threads
+  _POOL.update(entries=pl.load_entries(pairs), processor=processor)
+  n = len(_POOL["entries"])
+  with mp.get_context("fork").Pool(cores) as pool:
+    def run(n_batches: int, start: int):
+      out = None
+      for k in range(n_batches):
+        idx = [(start + k * batch + i) % n for i in range(batch)]
+        encoded = pool.map(_encode_pair, idx)
+        examples = [e[0] for e in encoded] + [e[1] for e in encoded]
+        seq = 512 if max(e.length for e in examples) <= 512 else 1024
+        out = processor.collate(examples, seq, max(sum(e.num_patches for e in examples), 4))
+      return out
+
+    run(warmup, 0)
+    t0 = time.perf_counter()
+    b = run(batches, warmup * batch)
+    wall = time.perf_counter() - t0
+  m = batches * batch
+  return {"engine": "pool", "cores": cores, "pairs": m, "seconds": round(wall, 3),
+          "pairs_per_s": round(m / wall, 2), "pairs_per_s_per_core": round(m / wall / cores, 2),
+          "batch_shapes": {k: list(v.shape) for k, v in b.items() if k in ("input_ids", "pixel_values")}}
+
+
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--cores", type=int, nargs="+", default=[1], help="core counts to measure (pinned)")
   ap.add_argument("--batch", type=int, default=8, help="pairs per batch")
@@ -89,14 +133,19 @@ def main() -> None:
   ap.add_argument("--warmup", type=int, default=2, help="untimed batches first")
   ap.add_argument("--pairs", type=int, default=256, help="pairs in the synthetic file")
   ap.add_argument("--images", type=int, default=32, help="distinct 448² images")
-  args = ap.parse_args()
+  ap.add_argument("--image-size", type=int, default=448, help="image side in pixels")
+  ap.add_argument("--engine", choices=("tfdata", "pool"), default="tfdata",
+                  help="tfdata: the training pipeline itself; pool: the same encoding in a process pool "
+                       "(no tensorflow needed)")
+  args = ap.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   with tempfile.TemporaryDirectory(prefix="mrm-bench-input-") as tmp:
     root = Path(tmp)
-    pairs = make_data(root, args.pairs, args.images)
+    pairs = make_data(root, args.pairs, args.images, args.image_size)
     processor = processor_for(root)
+    run = measure_pool if args.engine == "pool" else measure
     for cores in args.cores:
-      print(json.dumps(measure(pairs, processor, cores, args.batch, args.batches, args.warmup)), flush=True)
+      print(json.dumps(run(pairs, processor, cores, args.batch, args.batches, args.warmup)), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as one line (`mrm-jax score: error: argument --batch-size: ...`), as every other
+  error of the command; the usage itself is one `--help` away."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _build_parser(selected: str | None) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="mrm-jax",
       description="DT2IT-MRM multimodal reward models in JAX: construct debiased preference data, "
       "reformulate T2I pairs, train, score, curate and evaluate reward models.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -186,7 +187,81 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_
 
 def load_config(spec: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
   cfg = load_config_file(spec)
-  return apply_overrides(cfg, list(overrides or []))
+  apply_overrides(cfg, list(overrides or []))
+  validate_config(cfg, spec)
+  return cfg
+
+
+# Numeric keys checked up front (when the config has them), so `train.batch_size=0` or
+# `data.max_pixels=-1` is one line naming the key instead of a failure deep inside a run.
+# "int" keys take integers, "float" keys finite numbers; the rule bounds the value.
+RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+         "within [0, 1]": lambda v: 0 <= v <= 1, "any": lambda v: True}
+NUMERIC_KEYS: dict[str, tuple[str, str]] = {
+    "seed": ("int", "any"),
+    "data.max_seq_len": ("int", ">= 1"),
+    "data.max_pixels": ("int", ">= 1"),
+    "data.min_pixels": ("int", ">= 1"),
+    "data.patch_budget": ("int", ">= 0"),
+    "data.max_skip_rate": ("float", "within [0, 1]"),
+    "data.num_workers": ("int", ">= 1"),
+    "train.num_steps": ("int", ">= 0"),
+    "train.num_epochs": ("float", ">= 0"),
+    "train.batch_size": ("int", ">= 1"),
+    "train.grad_accum": ("int", ">= 1"),
+    "train.learning_rate": ("float", ">= 0"),
+    "train.warmup_ratio": ("float", "within [0, 1]"),
+    "train.weight_decay": ("float", ">= 0"),
+    "train.grad_clip": ("float", ">= 0"),
+    "train.log_every": ("int", ">= 1"),
+    "train.checkpoint_every": ("int", ">= 1"),
+    "train.eval_every": ("int", ">= 0"),
+    "train.keep_checkpoints": ("int", ">= 1"),
+    "train.peak_flops": ("float", ">= 0"),
+    "loss.margin_scale": ("float", "any"),
+    "loss.center_weight": ("float", ">= 0"),
+    "curate.score.batch_size": ("int", ">= 1"),
+    "curate.judge.concurrency": ("int", ">= 1"),
+    "curate.judge.max_retries": ("int", ">= 0"),
+    "curate.judge.timeout": ("float", "> 0"),
+    "curate.judge.temperature": ("float", ">= 0"),
+}
+MESH_KEYS = ("mesh.data", "mesh.fsdp", "mesh.tensor")  # -1 (fill) or a positive size
+
+
+def _lookup(cfg, key: str):
+  node = cfg
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _numeric_error(value, kind: str, rule: str) -> str | None:
+  if isinstance(value, bool) or not isinstance(value, (int, float) if kind == "float" else int):
+    return f"must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}"
+  if kind == "float" and not math.isfinite(value):
+    return f"must be a finite number, got {value!r}"
+  if not RULES[rule](value):
+    return f"must be {rule}, got {value!r}"
+  return None
+
+
+def validate_config(cfg, source: str = "config") -> None:
+  """Checks the numeric keys of NUMERIC_KEYS and the mesh sizes; a UserError naming the first bad key."""
+  for key, (kind, rule) in NUMERIC_KEYS.items():
+    value = _lookup(cfg, key)
+    if value is not None and (problem := _numeric_error(value, kind, rule)):
+      raise UserError(f"{source}: {key} {problem}")
+  for key in MESH_KEYS:
+    value = _lookup(cfg, key)
+    if value is not None and value != -1 and _numeric_error(value, "int", ">= 1"):
+      raise UserError(f"{source}: {key} must be -1 (fill with the remaining devices) or at least 1, "
+                      f"got {value!r}")
+  lo, hi = _lookup(cfg, "data.min_pixels"), _lookup(cfg, "data.max_pixels")
+  if lo is not None and hi is not None and lo > hi:
+    raise UserError(f"{source}: data.min_pixels ({lo}) is larger than data.max_pixels ({hi})")
 
 
 def config_to_dict(cfg) -> dict:

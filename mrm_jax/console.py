@@ -45,7 +45,20 @@ def _open_bars() -> list:
 
 class _BarAwareHandler(logging.StreamHandler):
   """Writes each record through `tqdm.write` while a bar is open, so the line lands above the bar
-  instead of being glued to its end."""
+  instead of being glued to its end. Without a fixed stream it writes to whatever `sys.stderr` is at the
+  time (a test's capture, a redirected stream), not to the one that was current at set-up."""
+
+  def __init__(self, stream=None):
+    super().__init__(stream)
+    self._fixed = stream
+
+  @property
+  def stream(self):
+    return self._fixed if self._fixed is not None else sys.stderr
+
+  @stream.setter
+  def stream(self, value):
+    self._fixed = value
 
   def emit(self, record: logging.LogRecord) -> None:
     if not _open_bars():
@@ -59,7 +72,7 @@ class _BarAwareHandler(logging.StreamHandler):
 
 def setup_logging(verbose: bool = False) -> None:
   """The project's own INFO lines by default; every library's INFO and DEBUG with -v."""
-  handler = _BarAwareHandler(sys.stderr)
+  handler = _BarAwareHandler()
   handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
   root = logging.getLogger()
   root.handlers[:] = [handler]

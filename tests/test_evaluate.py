@@ -276,7 +276,7 @@ def _pairs_file(tmp_path, n=3):
     (['{"chosen": 1, "rejected": 0}', '{"chosen": 1}', '{"chosen": 1, "rejected": 0}'],
      r"s\.jsonl:2: a score line needs 'chosen' and 'rejected'"),
     (['{"chosen": 1, "rejected": 0}', '{"chosen": "1", "rejected": 0}', '{"chosen": 1, "rejected": 0}'],
-     r"s\.jsonl:2: 'chosen' should be a number"),
+     r"s\.jsonl:2: 'chosen' should be a finite number"),
 ])
 def test_bad_score_files_are_one_line_errors(tmp_path, capsys, lines, message):
   import re

@@ -108,3 +108,17 @@ def test_every_config_file_loads_with_the_contract_keys():
 def test_missing_config_is_a_clear_error():
   with pytest.raises(UserError, match="config 'nope' not found"):
     config_lib.load_config("nope")
+
+
+def test_append_log_keeps_the_records_after_a_damaged_line(tmp_path, caplog):
+  """A complete line that is not a record (damaged on disk, edited by hand) drops only itself: the
+  work recorded after it is kept; a torn last line (a kill mid-write) is cut as before."""
+  from mrm_jax.io import AppendLog
+  path = tmp_path / "log.jsonl"
+  path.write_bytes(b'{"id": "a"}\n\xff\xfegarbage\n{"id": "b"}\n[1, 2]\n{"id": "c"}\n{"id": "torn')
+  with caplog.at_level("WARNING"):
+    with AppendLog(path) as log:
+      assert [r["id"] for r in log.records] == ["a", "b", "c"]
+      log.append({"id": "d"})
+  assert "dropped 2 unreadable line(s) (line 2, 4)" in caplog.text
+  assert path.read_bytes() == b'{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n{"id": "d"}\n'

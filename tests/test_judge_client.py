@@ -37,10 +37,10 @@ def true_score(item_id: str, index: int) -> float:
 class FakeJudge:
   """A ThreadingHTTPServer speaking /v1/chat/completions with scripted faults per (id, order)."""
 
-  def __init__(self, faults=None, delay=0.0, always_fail=()):
+  def __init__(self, faults=None, delay=0.0, always_fail=None):
     self.faults = faults or (lambda item_id, order: [])
     self.delay = delay
-    self.always_fail = set(always_fail)
+    self.always_fail = dict(always_fail or {})  # item id -> the fault of its every attempt
     self.lock = threading.Lock()
     self.attempts = collections.Counter()
     self.answered = collections.defaultdict(list)  # (id, order) -> [scores answered]
@@ -102,8 +102,7 @@ class FakeJudge:
       self.attempts[key] += 1
       plan = self.faults(item_id, order)
       fault = plan[attempt] if attempt < len(plan) else None
-      if item_id in self.always_fail:
-        fault = "400" if item_id.endswith("-3") else "500"
+      fault = self.always_fail.get(item_id, fault)
       self.events.append((time.monotonic(), item_id, order, fault or "ok"))
       self.formats += 1
       fmt = self.formats % 4
@@ -254,29 +253,38 @@ def test_listwise_with_injected_faults(tmp_path):
 def test_failures_are_recorded_then_retried(tmp_path):
   inp = write_candidates(tmp_path, 4)
   out = tmp_path / "j.jsonl"
-  server = FakeJudge(always_fail={"item-1", "item-3"})
+  server = FakeJudge(always_fail={"item-1": "malformed", "item-2": "500", "item-3": "400"})
   try:
     proc = subprocess.run(judge_cmd(inp, out, server.url, "--repeats", 2, "--max-retries", 2, "--no-progress"),
                           env=env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     records = read_out(out)
-    failed = [r for r in records if r["scores"] is None and r["id"] == "item-1"]
-    # item-1 gets 500s: K = 2 jobs, each tried 1 + R = 3 times, then recorded with the error.
-    assert len(records) == 8 and len(failed) == 2
-    assert all("HTTP 500" in r["error"] and "3 attempts" in r["error"] for r in failed)
+    # item-1's judge answers, but never usably: K = 2 jobs, each tried 1 + R = 3 times, then recorded
+    # with the error (DESIGN §7.2).
+    failed = [r for r in records if r["id"] == "item-1"]
+    assert len(failed) == 2 and all(r["scores"] is None and r["raw"] for r in failed)
+    assert all("unusable answer" in r["error"] and "3 attempts" in r["error"] for r in failed)
+    assert server.attempts[("item-1", tuple(failed[0]["order"]))] >= 3
     # item-3 gets 400 (this request cannot succeed): recorded after one attempt, not retried.
     refused = [r for r in records if r["id"] == "item-3"]
     assert len(refused) == 2 and all(r["scores"] is None and "HTTP 400" in r["error"] and "1 attempt)" in r["error"]
                                      for r in refused)
     assert sum(server.attempts[k] for k in server.attempts if k[0] == "item-3") == 2
-    assert server.attempts[("item-1", tuple(failed[0]["order"]))] >= 3
-    assert all(KEY not in r["error"] for r in failed) and "***" in failed[0]["error"]
-    # A plain restart has nothing left to do; --retry-failed redoes just the failures.
+    # item-2 gets 500s: the judge was never heard, so nothing is recorded; the run says so (the server
+    # echoed the key into its error body: redacted).
+    assert not [r for r in records if r["id"] == "item-2"] and len(records) == 6
+    assert sum(server.attempts[k] for k in server.attempts if k[0] == "item-2") == 2 * 3
+    assert "2 job(s) got no answer" in proc.stderr and "HTTP 500" in proc.stderr and "***" in proc.stderr
+    assert KEY not in proc.stderr + proc.stdout
+    # A plain restart asks item-2 again and nothing else; --retry-failed then redoes the recorded failures.
+    server.always_fail = {"item-1": "malformed", "item-3": "400"}
     n_requests = len(server.events)
     proc = subprocess.run(judge_cmd(inp, out, server.url, "--repeats", 2, "--no-progress"),
                           env=env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and len(server.events) == n_requests and len(read_out(out)) == 8
+    assert proc.returncode == 0 and proc.stderr == "" and len(read_out(out)) == 8
+    assert len(server.events) == n_requests + 2
     server.always_fail.clear()
+    n_requests = len(server.events)
     proc = subprocess.run(judge_cmd(inp, out, server.url, "--repeats", 2, "--no-progress", "--retry-failed"),
                           env=env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mrm_jax.cli_types import nonnegative_float
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.description = (
@@ -16,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--candidates", required=True, help="candidate sets JSONL {id, images, question, reference?, responses}")
   p.add_argument("--judgments", required=True, help="judgments JSONL from `mrm-jax judge` (listwise and/or pointwise)")
   p.add_argument("--output", required=True, help="pair file to write")
-  p.add_argument("--min-gap", type=float, default=0.5, help="minimum mean score gap for a pair (default 0.5)")
+  p.add_argument("--min-gap", type=nonnegative_float, default=0.5,
+                 help="minimum mean score gap for a pair (default 0.5)")
   p.add_argument("--balance-length", action="store_true",
                  help="downsample so the longer answer is chosen in exactly half of the pairs whose lengths differ")
   p.add_argument("--seed", type=int, default=0, help="seed of the balancing and the probe's folds (default 0)")
@@ -57,11 +60,10 @@ def _style_line(name: str, s: dict) -> str:
 def run(args) -> int:
   from mrm_jax.construct import pairs as construct_pairs
   from mrm_jax.construct import style
-  from mrm_jax.errors import UserError
-  from mrm_jax.io import write_json
+  from mrm_jax.io import atomic_outputs, check_distinct_paths, write_json
 
-  if args.min_gap < 0:
-    raise UserError("--min-gap must be >= 0")
+  check_distinct_paths({"--output": args.output, "--report": args.report},
+                       {"--candidates": args.candidates, "--judgments": args.judgments})
   pairs, stats = construct_pairs.construct_files(args.candidates, args.judgments, args.min_gap, args.reparse)
   report = stats.report()
   report["min_gap"] = args.min_gap
@@ -71,9 +73,10 @@ def run(args) -> int:
     report["balanced"] = {**style.style_report(balanced, args.seed), "removed": len(pairs) - len(balanced)}
     pairs = balanced
   report["n_written"] = len(pairs)
-  write_pairs(args.output, pairs, args.format)
-  if args.report:
-    write_json(args.report, report)
+  with atomic_outputs():  # the pairs and their report are replaced together or not at all
+    write_pairs(args.output, pairs, args.format)
+    if args.report:
+      write_json(args.report, report)
 
   j, d = report["judgments"], report["dropped"]
   print(f"construct: {report['n_candidates']} candidate sets, {j['valid']}/{j['n']} valid judgments "

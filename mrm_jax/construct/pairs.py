@@ -15,9 +15,10 @@ import math
 import os
 from pathlib import Path
 
+from mrm_jax.data import records
 from mrm_jax.data.records import REWARD_SYSTEM_PROMPT
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import iter_jsonl, read_json_or_jsonl
+from mrm_jax.io import read_json_or_jsonl
 from mrm_jax.judge.jobs import candidate_fields
 from mrm_jax.judge.parse import reparse
 
@@ -64,20 +65,15 @@ def read_candidates(path: str | os.PathLike) -> list[dict]:
 
 
 def read_judgments(path: str | os.PathLike) -> list[dict]:
-  """Judgment records with `where` attached; structure is checked in `construct`."""
-  out = []
-  for lineno, record in iter_jsonl(path):
-    record = dict(record)
-    record["where"] = at(path, lineno)
-    out.append(record)
-  return out
+  """Judgment records with `where` attached (`records.read_judgments`); `order` is checked in `construct`."""
+  return records.read_judgments(path)
 
 
 def is_valid(judgment: dict) -> bool:
   """DESIGN §3.2b: `scores` is a list of numbers as long as `order`."""
   scores, order = judgment.get("scores"), judgment.get("order")
   return (isinstance(scores, list) and isinstance(order, list) and len(scores) == len(order)
-          and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores))
+          and all(records.is_finite_number(s) for s in scores))
 
 
 def _check_order(judgment: dict, n: int) -> list[int]:
@@ -138,6 +134,9 @@ def construct(candidates: list[dict], judgments: list[dict], min_gap: float = 0.
           stats.disagreement += 1
           continue
         gap = means[i] - means[j]
+        if not math.isfinite(gap):  # finite scores whose sums overflow: the strength would be Infinity
+          raise UserError(f"{cand['where']}: the judgments' scores of responses {i} and {j} are too large "
+                          f"to average (the mean gap is {gap})")
         if abs(gap) < min_gap or gap == 0:
           stats.small_gap += 1
           continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 
-from mrm_jax.data.records import IMAGE_PLACEHOLDER, REWARD_SYSTEM_PROMPT
+from mrm_jax.data.records import IMAGE_PLACEHOLDER, REWARD_SYSTEM_PROMPT, VIDEO_PLACEHOLDER, record_id
 from mrm_jax.errors import UserError, at
 from mrm_jax.io import read_json_or_jsonl
 
@@ -36,8 +36,13 @@ def chosen_first_indices(n: int, seed: int) -> set[int]:
 
 def _check(record: dict, where: str) -> tuple[str, str, str]:
   caption = record.get("caption", record.get("prompt"))
-  if not isinstance(caption, str):
+  if caption is None:
     raise UserError(f"{where}: missing field 'caption'")
+  if not isinstance(caption, str):
+    raise UserError(f"{where}: field 'caption' should be a string")
+  record_id(record, where)
+  if record.get("source") is not None and not isinstance(record["source"], str):
+    raise UserError(f"{where}: field 'source' should be a string")
   images = []
   for key in ("chosen_image", "rejected_image"):
     value = record.get(key)
@@ -47,6 +52,12 @@ def _check(record: dict, where: str) -> tuple[str, str, str]:
   if images[0] == images[1]:
     raise UserError(f"{where}: chosen_image and rejected_image are the same image '{images[0]}'")
   return caption, images[0], images[1]
+
+
+def neutral_caption(caption: str) -> str:
+  """The caption with its placeholders defused: a literal "<image>" or "<video>" would add a vision slot
+  the pair has no image for."""
+  return caption.replace(IMAGE_PLACEHOLDER, "image").replace(VIDEO_PLACEHOLDER, "video")
 
 
 def reformulate(records: list[dict], seed: int = 42, wheres: list[str] | None = None) -> list[dict]:
@@ -64,13 +75,12 @@ def reformulate(records: list[dict], seed: int = 42, wheres: list[str] | None = 
       images, pos_chosen, pos_rejected = [chosen, rejected], 1, 2
     else:
       images, pos_chosen, pos_rejected = [rejected, chosen], 2, 1
-    rid = record.get("id")
+    rid = record_id(record, where)
     pairs.append({
-        "id": str(rid) if rid not in (None, "") else f"t2i-{k}",
+        "id": rid or f"t2i-{k}",
         "images": images,
         "system": REWARD_SYSTEM_PROMPT,
-        # A literal "<image>" in a caption would add a third image slot.
-        "question": QUESTION.format(caption=caption.replace(IMAGE_PLACEHOLDER, "image")),
+        "question": QUESTION.format(caption=neutral_caption(caption)),
         "chosen": verdict(pos_chosen, pos_rejected),
         "rejected": verdict(pos_rejected, pos_chosen),
         "source": record.get("source") or "t2i",

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
   from mrm_jax.construct import t2i
   from mrm_jax.construct.cli import image_root_hint, write_pairs
+  from mrm_jax.io import check_distinct_paths
+
+  check_distinct_paths({"--output": args.output}, {"--input": args.input})
 
   if args.source in NATIVE:
     from mrm_jax.data.convert_cli import convert

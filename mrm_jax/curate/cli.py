@@ -15,10 +15,11 @@ import dataclasses
 import sys
 from typing import Callable
 
+from mrm_jax.cli_types import fraction, positive_int
 from mrm_jax.curate import steps
-from mrm_jax.data.records import iter_pairs
+from mrm_jax.data.records import iter_pairs, read_judgments
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import iter_jsonl, write_jsonl
+from mrm_jax.io import atomic_outputs, check_distinct_paths, write_jsonl
 
 # Steps that take `--config.KEY=VALUE` overrides get them as `args.overrides`; the others refuse them.
 ACCEPTS_CONFIG_OVERRIDES = True
@@ -59,11 +60,12 @@ def add_flip_arguments(p) -> None:
   p.add_argument("--scores", required=True, nargs="+", metavar="S",
                  help='one curation score file per scorer: JSONL {"images", "question", "answer", "score"}')
   p.add_argument("--output", required=True, metavar="OUT", help="all scored pairs, in input order, some flipped")
-  p.add_argument("--flip-fraction", type=float, default=0.5,
+  p.add_argument("--flip-fraction", type=fraction, default=0.5,
                  help="share of the negative-strength pairs (most negative first) to flip (default 0.5)")
 
 
 def run_flip(args) -> int:
+  check_distinct_paths({"--output": args.output}, {"--pairs": args.pairs, "--scores": args.scores})
   pairs, wheres = _read_pairs(args.pairs)
   tables = [steps.read_score_file(s) for s in args.scores]
   out, missing = steps.flip(pairs, tables, args.flip_fraction)
@@ -89,12 +91,15 @@ def add_filter_arguments(p) -> None:
 
 
 def run_filter(args) -> int:
+  check_distinct_paths({"--output": args.output, "--inconsistent": args.inconsistent},
+                       {"--pairs": args.pairs, "--scores": args.scores})
   pairs, wheres = _read_pairs(args.pairs)
   tables = [steps.read_score_file(s) for s in args.scores]
   kept, queue, missing = steps.filter_consistent(pairs, tables)
   _report_missing("filter", missing, wheres, args.scores)
-  write_jsonl(args.output, kept)
-  write_jsonl(args.inconsistent, queue)
+  with atomic_outputs():  # the kept pairs and the queue are replaced together or not at all
+    write_jsonl(args.output, kept)
+    write_jsonl(args.inconsistent, queue)
   print(f"curate filter: {len(kept)} pairs kept in {args.output}, {len(queue)} queued in {args.inconsistent}; "
         f"{len(missing)} left out for a missing score")
   return 0
@@ -108,13 +113,15 @@ def add_vote_arguments(p) -> None:
   p.add_argument("--judgments", required=True, nargs="+", metavar="J",
                  help="pairwise judgment files (`mrm-jax judge --mode pairwise --input Q`)")
   p.add_argument("--output", required=True, metavar="OUT", help="re-annotated pairs kept by majority vote")
-  p.add_argument("--min-votes", type=int, default=2, help="valid judgments a pair needs to be kept (default 2)")
+  p.add_argument("--min-votes", type=positive_int, default=2,
+                 help="valid judgments a pair needs to be kept (default 2)")
 
 
 def run_vote(args) -> int:
+  check_distinct_paths({"--output": args.output}, {"--queue": args.queue, "--judgments": args.judgments})
   queue, wheres = _read_pairs(args.queue)
   steps.check_unique_ids(list(zip(wheres, queue)))
-  judgments = [j for path in args.judgments for _, j in iter_jsonl(path)]
+  judgments = [j for path in args.judgments for j in read_judgments(path)]
   result = steps.vote(queue, judgments, args.min_votes)
   write_jsonl(args.output, result.kept)
   swapped = sum(1 for p in result.kept if p["meta"]["vote"]["swapped"])

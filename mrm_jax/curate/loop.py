@@ -60,6 +60,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -73,7 +74,8 @@ from mrm_jax.curate import report as rep
 from mrm_jax.curate import steps
 from mrm_jax.data.records import iter_pairs, score_key
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import AppendLog, atomic_open, check_writable_dir, iter_jsonl, write_json, write_jsonl
+from mrm_jax.io import (AppendLog, atomic_open, check_writable_dir, iter_jsonl, read_json_object, same_file,
+                        write_json, write_jsonl)
 
 FAULT_ENV = "MRM_JAX_CURATE_FAULT"
 JUDGE_KINDS = ("simulated", "openai", "stored")
@@ -200,13 +202,12 @@ class _Stage:
     self.manifest_path = directory / "manifest.json"
 
   def finished(self) -> dict | None:
-    try:
-      man = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    if not self.manifest_path.is_file():
       return None
-    if man.get("key") != self.key:
+    man = read_stage_manifest(self.manifest_path)
+    if man["key"] != self.key:
       return None
-    for rec in man.get("outputs", {}).values():
+    for rec in man["outputs"].values():
       p = self.dir / rec["path"]
       if not p.is_file() or file_sha256(p) != rec["sha256"]:
         return None
@@ -228,6 +229,20 @@ class _Stage:
            "counts": result.counts, "seconds": round(seconds, 3), **result.extra}
     write_json(self.manifest_path, man)
     return man
+
+
+def read_stage_manifest(path: Path) -> dict:
+  """A stage's manifest.json; a malformed one (edited, or damaged on disk: the run writes it atomically)
+  is a UserError naming it rather than a silently redone stage."""
+  man = read_json_object(path)
+  outputs = man.get("outputs")
+  ok = isinstance(man.get("key"), str) and isinstance(outputs, dict) and all(
+      isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("sha256"), str)
+      for r in outputs.values())
+  if not ok:
+    raise UserError(f"{path}: not a stage manifest (needs 'key' and 'outputs' {{name: {{path, sha256}}}}); "
+                    "delete it to redo the stage")
+  return man
 
 
 class _Curation:
@@ -286,7 +301,7 @@ class _Curation:
       man = st.finish(result, time.time() - t)
       self.say(f"[{name}] {_counts_line(man['counts'])} ({man['seconds']:.1f} s)")
     _barrier(f"{name}:finish")
-    return json.loads(st.manifest_path.read_text(encoding="utf-8"))
+    return read_stage_manifest(st.manifest_path)
 
   # ---- inputs
 
@@ -332,6 +347,7 @@ class _Curation:
     for f in [self.noisy, *self.base_files]:
       if not f.is_file():
         raise UserError(f"{f}: no such file")
+    self._check_inputs_not_outputs()
     if not self.model_path and not split_files(cc.initial_models):
       raise UserError("model.path is not set: training and scoring need the model's HF directory "
                       "(config.json and the tokenizer)")
@@ -339,6 +355,23 @@ class _Curation:
     steps.check_unique_ids([(at(self.noisy, n), p) for n, p in pairs])  # votes are matched on the id
     if self.judge_kind == "simulated" and not self.judge_truth:
       raise UserError("curate.judge.kind 'simulated' needs curate.judge.truth (the world's world_truth.jsonl)")
+
+  def _check_inputs_not_outputs(self) -> None:
+    """The user's input files must not be files this run rewrites or wipes: the final outputs, or
+    anything in a stage directory (a stage whose inputs changed is deleted and redone)."""
+    cc = self.cc
+    given = [("curate.noisy", cc.noisy), ("curate.truth", cc.truth),
+             *(("curate.base_train", f) for f in split_files(cc.base_train))]
+    finals = [self.workdir / "curated.jsonl", self.workdir / "report.json"]
+    stage_dir = re.compile(r"(round_\d+|base|prepare|plots)$")
+    for key, f in given:
+      if not f:
+        continue
+      f = Path(f).resolve()
+      inside = [p for p in f.parents if p.parent == self.workdir and stage_dir.match(p.name)]
+      if any(same_file(f, o) for o in finals) or inside:
+        raise UserError(f"{key} {f} is one of the files `curate run` writes in {self.workdir}; "
+                        "move it out of the workdir's outputs")
 
   @property
   def judge_kind(self) -> str:
@@ -672,7 +705,11 @@ class _Curation:
     client = ChatClient(jc.base_url, jc.judge_model, key, timeout=float(jc.timeout),
                         temperature=float(jc.temperature))
     policy = RetryPolicy(int(jc.max_retries))
-    run_jobs(client, jobs, out, "pairwise", policy, concurrency=int(jc.concurrency), progress=self.progress)
+    summary = run_jobs(client, jobs, out, "pairwise", policy, concurrency=int(jc.concurrency),
+                       progress=self.progress)
+    if summary.not_reached or summary.unfinished:  # the stage is not done: a rerun asks them again
+      raise UserError(f"{summary.not_reached + summary.unfinished} pairwise job(s) got no answer from the "
+                      f"judge at {client.url} (first error: {summary.first_error}); run again to resume")
 
   # ---- report
 

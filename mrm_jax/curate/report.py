@@ -12,14 +12,13 @@ rejected not); pairs the truth does not cover are left out of the fractions.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 from mrm_jax.data.records import score_key
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import iter_jsonl
+from mrm_jax.io import iter_jsonl, read_json_object
 
 LabelTruth = Callable[[dict], "bool | None"]
 
@@ -33,14 +32,14 @@ def load_truth(path: str | os.PathLike) -> LabelTruth:
   path = Path(path)
   if not path.is_file():
     raise UserError(f"{path}: no such file (curate.truth)")
-  try:  # one JSON object (noisy_truth.json), or else JSON Lines
-    obj = json.loads(path.read_text(encoding="utf-8"))
-  except json.JSONDecodeError:
+  try:  # one JSON object (noisy_truth.json), or else JSON Lines (whose reader names a bad line)
+    obj = read_json_object(path)
+  except UserError:
     obj = None
   if isinstance(obj, dict) and "answer" not in obj:
     correct = obj.get("correct_answer")
-    if not isinstance(correct, dict):
-      raise UserError(f"{path}: a JSON truth file needs 'correct_answer': {{pair id: answer}}")
+    if not isinstance(correct, dict) or not all(isinstance(a, str) for a in correct.values()):
+      raise UserError(f"{path}: a JSON truth file needs 'correct_answer': {{pair id: answer string}}")
     return lambda pair: (None if str(pair.get("id")) not in correct
                          else pair["chosen"] == correct[str(pair.get("id"))])
   answers = answer_truth(path)
@@ -58,6 +57,10 @@ def answer_truth(path: str | os.PathLike) -> dict[tuple, bool]:
   for lineno, rec in iter_jsonl(path):
     if not isinstance(rec.get("correct"), bool) or not isinstance(rec.get("answer"), str):
       raise UserError(f"{at(path, lineno)}: a truth record needs 'answer' (string) and 'correct' (true/false)")
+    images = rec.get("images")
+    if not (images is None or isinstance(images, str)
+            or (isinstance(images, list) and all(isinstance(p, str) for p in images))):
+      raise UserError(f"{at(path, lineno)}: field 'images' should be a list of paths")
     out[score_key(rec.get("images"), str(rec.get("question", "")), rec["answer"])] = rec["correct"]
   return out
 

@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 from fractions import Fraction
 from typing import Sequence
 
-from mrm_jax.data.records import score_key
+from mrm_jax.data.records import is_finite_number, score_key
 from mrm_jax.errors import UserError, at
 from mrm_jax.io import iter_jsonl
 
 ScoreTable = dict  # score_key → float
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def read_score_file(path: str | os.PathLike) -> ScoreTable:
@@ -45,8 +40,8 @@ def read_score_file(path: str | os.PathLike) -> ScoreTable:
       if not isinstance(rec.get(key), str):
         raise UserError(f"{where}: missing field '{key}'" if rec.get(key) is None else f"{where}: '{key}' should be a string")
     score = rec.get("score")
-    if not _is_number(score) or not math.isfinite(score):
-      raise UserError(f"{where}: 'score' should be a finite number, got {score!r}")
+    if not is_finite_number(score):
+      raise UserError(f"{where}: 'score' should be a finite number, got {score!r:.40}")
     acc = sums.setdefault(score_key(images, rec["question"], rec["answer"]), [0.0, 0])
     acc[0] += float(score)
     acc[1] += 1
@@ -100,6 +95,10 @@ def flip(pairs: Sequence[dict], tables: Sequence[ScoreTable], fraction: float = 
     raise UserError(f"--flip-fraction must be within [0, 1], got {fraction}")
   scored, missing = _collect(pairs, tables)
   strength = {i: sum(c - r for c, r in per) / len(per) for i, per in scored}
+  for i, value in strength.items():
+    if not math.isfinite(value):  # finite scores whose difference overflows: not writable as JSON
+      raise UserError(f"pair {i + 1} (id {pairs[i].get('id')!r}): its scores are too large to subtract "
+                      f"(strength {value})")
   negative = sorted((i for i, _ in scored if strength[i] < 0), key=lambda i: strength[i])
   n_flip = math.floor(Fraction(repr(float(fraction))) * len(negative))  # exact: 0.29 · 100 = 29
   to_flip = set(negative[:n_flip])
@@ -137,7 +136,7 @@ def judgment_vote(judgment: dict) -> tuple[float, float] | None:
     return None
   if not isinstance(order, list) or not isinstance(scores, list) or len(scores) != len(order):
     return None
-  if not all(_is_number(s) and math.isfinite(s) for s in scores):
+  if not all(is_finite_number(s) for s in scores):
     return None
   if sorted(o for o in order if isinstance(o, int) and not isinstance(o, bool)) != [0, 1] or len(order) != 2:
     return None

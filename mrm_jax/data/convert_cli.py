@@ -84,5 +84,7 @@ def convert(input_path, fmt: str, output, out_format: str = "canonical", image_d
 
 
 def run(args) -> int:
+  from mrm_jax.io import check_distinct_paths
+  check_distinct_paths({"--output": args.output}, {"--input": args.input})
   convert(args.input, args.fmt, args.output, args.format, args.image_dir, args.seed)
   return 0

@@ -28,7 +28,6 @@ once with its file:line. Once `min_checked` records have been read, a skip rate 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -60,32 +59,20 @@ class Entry:
 def load_entries(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Entry]:
   """Reads a pair file (canonical or LLaMA-Factory; JSONL or a JSON list) tolerantly.
 
-  A JSONL line that is not valid JSON becomes an Entry with `error` set, so it is skipped and
+  A JSONL line that the project's JSON reader refuses (malformed, not UTF-8, NaN, a number too
+  large, nested too deeply, not an object) becomes an Entry with `error` set, so it is skipped and
   counted like any other bad record, and the other records keep their positions. A JSON list
   cannot be partially read: a broken one is a UserError. The image root defaults to the
   file's folder (DESIGN §3.2).
   """
-  from mrm_jax.io import read_json_or_jsonl
+  from mrm_jax.io import is_json_list, read_json_or_jsonl, scan_jsonl
   path = Path(path)
   if not path.is_file():
     raise UserError(f"{path}: no such file")
   root = str(image_root if image_root else path.resolve().parent)
-  with open(path, encoding="utf-8") as f:
-    head = f.read(4096).lstrip()
-  if head.startswith("["):
+  if is_json_list(path):
     return [Entry(at(path, n), r, root) for n, r in read_json_or_jsonl(path)]
-  entries = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-        err = None if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
-      except json.JSONDecodeError as e:
-        rec, err = None, f"malformed JSON ({e.msg} at column {e.colno})"
-      entries.append(Entry(at(path, lineno), rec if err is None else None, root, err))
-  return entries
+  return [Entry(at(path, n), r, root, err) for n, r, err in scan_jsonl(path)]
 
 
 def check_pair(entry: Entry) -> tuple[dict, list[Path]]:

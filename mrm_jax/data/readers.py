@@ -27,8 +27,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mrm_jax.data.records import describe_types, is_finite_number
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import read_json_or_jsonl
+from mrm_jax.io import json_type, non_finite_path, read_json_or_jsonl
 
 Where = str
 
@@ -136,8 +137,8 @@ def _get(rec: dict, keys: str | tuple[str, ...], where: Where, types=str) -> Any
   keys = (keys,) if isinstance(keys, str) else keys
   for k in keys:
     if rec.get(k) is not None:
-      if not isinstance(rec[k], types):
-        raise UserError(f"{where}: field '{k}' should be {getattr(types, '__name__', types)}")
+      if not isinstance(rec[k], types) or isinstance(rec[k], bool):
+        raise UserError(f"{where}: field '{k}' should be {describe_types(types)}, got {json_type(rec[k])}")
       return rec[k]
   raise UserError(f"{where}: missing field '{keys[0]}'" + (f" (or {', '.join(keys[1:])})" if len(keys) > 1 else ""))
 
@@ -153,7 +154,7 @@ def _image(value: Any, store: ImageStore | None, where: Where) -> str:
   if isinstance(value, dict):
     if value.get("bytes"):
       return _image(value["bytes"], store, where)
-    if value.get("path"):
+    if isinstance(value.get("path"), str) and value["path"]:
       return value["path"]
   raise UserError(f"{where}: image field holds neither a path nor image bytes")
 
@@ -177,6 +178,9 @@ def _pair(pid, images, question, chosen, rejected, source, where, **extra) -> di
           "rejected": rejected, "source": source}
   for k, v in extra.items():
     if v is not None and v != {}:
+      bad = non_finite_path({k: v})  # a parquet NaN would make the output unwritable (NaN is not JSON)
+      if bad is not None:
+        raise UserError(f"{where}: field '{bad}' is NaN or infinite")
       pair[k] = v
   return pair
 
@@ -184,6 +188,8 @@ def _pair(pid, images, question, chosen, rejected, source, where, **extra) -> di
 def _row_id(rec: dict, where: Where, keys=("id", "idx", "ID")) -> str:
   for k in keys:
     if rec.get(k) is not None:
+      if isinstance(rec[k], bool) or not isinstance(rec[k], (str, int)):
+        raise UserError(f"{where}: field '{k}' should be a string or an integer, got {json_type(rec[k])}")
       return str(rec[k])
   return where.rsplit("/", 1)[-1]  # file:line is unique and stable
 
@@ -216,11 +222,13 @@ def read_rlaif_v(path, images: ImageStore | None = None) -> Iterator[tuple[Where
                        _get(rec, "rejected", where), "rlaif_v", where, meta=meta)
 
 
-def _rating(value) -> float | None:
+def _rating(value, where: Where) -> float | None:
   try:
     r = float(value)
   except (TypeError, ValueError):
     return None  # "N/A" and missing ratings carry no signal
+  if math.isinf(r):
+    raise UserError(f"{where}: rating {value!r:.40} is not a finite number")
   return None if math.isnan(r) else r
 
 
@@ -246,7 +254,9 @@ def _vlf_completions(rec: dict, where: Where) -> list[tuple[str, str, float | No
     ann = c.get("annotations") or {}
     if isinstance(ann, list):  # some exports wrap the aspect dict in a one-element list
       ann = ann[0] if ann and isinstance(ann[0], dict) else {}
-    ratings = [_rating(v.get("Rating") if isinstance(v, dict) else v) for v in ann.values()]
+    if not isinstance(ann, dict):
+      raise UserError(f"{where}: a completion's 'annotations' should be an object, got {json_type(ann)}")
+    ratings = [_rating(v.get("Rating") if isinstance(v, dict) else v, where) for v in ann.values()]
     ratings = [r for r in ratings if r is not None]
     out.append((str(c.get("model", "")), c["response"], sum(ratings) / len(ratings) if ratings else None))
   return out
@@ -280,7 +290,10 @@ def _mm_rlhf_media(rec: dict, where: Where) -> dict:
   """MM-RLHF media: `image` (a path) or `video` (a folder of frames) → images / videos."""
   if rec.get("video") is not None:
     v = rec["video"]
-    return {"images": [], "videos": v if isinstance(v, list) else [v]}
+    videos = v if isinstance(v, list) else [v]
+    if not videos or not all(isinstance(x, str) and x for x in videos):
+      raise UserError(f"{where}: field 'video' should be a frame folder path, got {json_type(v)}")
+    return {"images": [], "videos": videos}
   return {"images": _images(rec, None, where, keys=("image", "image_path", "images"))}
 
 
@@ -309,17 +322,20 @@ def read_vl_rewardbench(path, images: ImageStore | None = None) -> Iterator[tupl
   response [2], human_ranking [2], models, ...`.
 
   `human_ranking[k]` is the rank of `response[k]` (0 = preferred), so chosen =
-  `response[argmin(human_ranking)]`; a tie is an error (the benchmark has none). The order in
-  the file is kept, as benchmark score files are matched line by line.
+  `response[argmin(human_ranking)]`; it must be a permutation of 0..n-1 (a tie is an error: the
+  benchmark has none). The order in the file is kept, as benchmark score files are matched line
+  by line.
   """
   for where, rec in iter_rows(path):
     resp = _get(rec, "response", where, list)
     rank = _get(rec, "human_ranking", where, list)
-    if len(resp) != 2 or len(rank) != 2 or not all(isinstance(r, str) for r in resp):
-      raise UserError(f"{where}: 'response' and 'human_ranking' must hold two entries")
-    if rank[0] == rank[1]:
-      raise UserError(f"{where}: 'human_ranking' is a tie ({rank})")
-    best = 0 if rank[0] < rank[1] else 1
+    if len(resp) != 2 or not all(isinstance(r, str) for r in resp):
+      raise UserError(f"{where}: 'response' must hold two strings")
+    if (len(rank) != len(resp) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rank)
+        or sorted(rank) != list(range(len(resp)))):
+      raise UserError(f"{where}: 'human_ranking' must rank the {len(resp)} responses 0..{len(resp) - 1} "
+                      f"(a permutation), got {rank!r:.60}")
+    best = rank.index(0)
     meta = {k: rec[k] for k in ("models", "query_source", "human_ranking", "ground_truth") if rec.get(k) is not None}
     yield where, _pair(_get(rec, "id", where), _images(rec, images, where, keys=("image", "image_path")),
                        _get(rec, "query", where), resp[best], resp[1 - best], "vl_rewardbench", where, meta=meta)
@@ -365,6 +381,8 @@ def read_pickapic(path, images: ImageStore | None = None) -> Iterator[tuple[Wher
     if rec.get("has_label") is False:
       continue
     l0, l1 = _get(rec, "label_0", where, (int, float)), _get(rec, "label_1", where, (int, float))
+    if not (is_finite_number(l0) and is_finite_number(l1)):
+      raise UserError(f"{where}: 'label_0' and 'label_1' should be finite numbers, got {l0!r}, {l1!r}")
     if l0 == l1:
       continue
     img0 = _image(_get(rec, "jpg_0", where, (bytes, dict)), images, where)
@@ -384,7 +402,7 @@ def _ranked_pairs(ranks: list, better_is_lower: bool) -> Iterator[tuple[int, int
 
 
 def _numbers(v, n: int, name: str, where: Where) -> list:
-  if not isinstance(v, list) or len(v) != n or not all(isinstance(x, (int, float)) for x in v):
+  if not isinstance(v, list) or len(v) != n or not all(is_finite_number(x) for x in v):
     raise UserError(f"{where}: '{name}' must hold {n} numbers, one per image")
   return v
 

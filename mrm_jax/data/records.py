@@ -7,18 +7,28 @@ Scoring record:
 LLaMA-Factory sharegpt preference record:
   {"conversations": [{"from": "human", "value": ...}], "chosen": {"from": "gpt", "value": ...},
    "rejected": {...}, "images": [...], "system"?: ...}
+Judgment (DESIGN §3.2):
+  {"id", "mode", "order", "raw", "scores", "error", "judge"}
+
+Validation lives here, one function per record type: every field any step reads is type-checked
+when the record is read, so a wrong type is a UserError naming file:line (training counts it as a
+skipped record) instead of a traceback deep inside a later step. Conventions: `id` is a string or
+an integer and is normalised to a string (a missing id is ""); optional fields may be absent or
+null; numbers that are used as floats (`strength`, scores) must be finite.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import read_json_or_jsonl
+from mrm_jax.io import iter_jsonl, json_type, read_json_or_jsonl
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 
 # The reward-model system prompt attached to constructed pairs (DESIGN §7.6, §8).
 REWARD_SYSTEM_PROMPT = (
@@ -26,12 +36,43 @@ REWARD_SYSTEM_PROMPT = (
     "faithfully to what the image shows, and helpfully.")
 
 
+_KINDS = {str: "a string", list: "a list", dict: "an object", bytes: "bytes", int: "an integer",
+          float: "a number"}
+
+
+def describe_types(types) -> str:
+  """'a string or an integer' for (str, int): what a field should be, in error messages."""
+  types = types if isinstance(types, tuple) else (types,)
+  return " or ".join(dict.fromkeys(_KINDS.get(t, t.__name__) for t in types))
+
+
 def _require(record: dict, key: str, types, where: str):
   if key not in record or record[key] is None:
     raise UserError(f"{where}: missing field '{key}'")
-  if not isinstance(record[key], types):
-    raise UserError(f"{where}: field '{key}' should be {getattr(types, '__name__', types)}")
-  return record[key]
+  value = record[key]
+  if not isinstance(value, types) or isinstance(value, bool):
+    raise UserError(f"{where}: field '{key}' should be {describe_types(types)}, got {json_type(value)}")
+  return value
+
+
+def _optional(record: dict, key: str, types, where: str):
+  """The field's value when present and not null (then of `types`), else None."""
+  return None if record.get(key) is None else _require(record, key, types, where)
+
+
+def is_finite_number(value) -> bool:
+  """A JSON number usable as a float: not true/false, NaN or infinite, nor an integer beyond float range."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+
+
+def record_id(record: dict, where: str) -> str:
+  """The record's `id` as a string: a string or an integer; absent or null gives ""."""
+  value = record.get("id")
+  if value is None:
+    return ""
+  if isinstance(value, bool) or not isinstance(value, (str, int)):
+    raise UserError(f"{where}: field 'id' should be a string (or an integer), got {json_type(value)}")
+  return str(value)
 
 
 def _images(record: dict, where: str) -> list[str]:
@@ -46,25 +87,52 @@ def _images(record: dict, where: str) -> list[str]:
   return list(images)
 
 
+def _check_videos(record: dict, where: str) -> None:
+  """`videos`: a list whose items are a frame folder (a path) or a list of frame paths."""
+  videos = record.get("videos")
+  if videos is None:
+    return
+  if not isinstance(videos, list) or not all(
+      isinstance(v, str) or (isinstance(v, list) and all(isinstance(f, str) for f in v)) for v in videos):
+    raise UserError(f"{where}: field 'videos' should be a list of frame folders or of lists of frame paths")
+
+
+def _check_common(record: dict, where: str) -> None:
+  """The optional fields scoring records and pairs share."""
+  _optional(record, "system", str, where)
+  _check_videos(record, where)
+
+
 def is_llamafactory(record: dict) -> bool:
-  return "conversations" in record and isinstance(record.get("chosen"), dict)
+  return "conversations" in record
+
+
+def _turn(value, name: str, where: str) -> str:
+  """A sharegpt turn {"from": str, "value": str} → its value."""
+  if (not isinstance(value, dict) or not isinstance(value.get("value"), str)
+      or not isinstance(value.get("from", ""), str)):
+    raise UserError(f"{where}: '{name}' should be an object with a string 'value' (and 'from'), "
+                    f"got {json_type(value)}" + (f" {value!r:.60}" if isinstance(value, dict) else ""))
+  return value["value"]
 
 
 def from_llamafactory(record: dict, where: str = "record") -> dict:
   """LLaMA-Factory sharegpt preference record → canonical pair (extra keys kept in meta)."""
   conv = _require(record, "conversations", list, where)
-  if not conv or not isinstance(conv[-1], dict) or conv[-1].get("from") != "human":
+  for k, turn in enumerate(conv):
+    _turn(turn, f"conversations[{k}]", where)
+  if not conv or conv[-1].get("from") != "human":
     raise UserError(f"{where}: 'conversations' must end with a human turn")
   if len(conv) != 1:
     raise UserError(f"{where}: multi-turn conversations are not supported (got {len(conv)} turns)")
   pair = {
-      "id": record.get("id", ""),
+      "id": record_id(record, where),
       "images": _images(record, where),
-      "question": conv[-1].get("value", ""),
-      "chosen": _require(record, "chosen", dict, where).get("value", ""),
-      "rejected": _require(record, "rejected", dict, where).get("value", ""),
+      "question": conv[-1]["value"],
+      "chosen": _turn(record.get("chosen"), "chosen", where),
+      "rejected": _turn(record.get("rejected"), "rejected", where),
   }
-  if record.get("system") is not None:
+  if _optional(record, "system", str, where) is not None:
     pair["system"] = record["system"]
   known = {"id", "images", "conversations", "chosen", "rejected", "system"}
   extra = {k: v for k, v in record.items() if k not in known}
@@ -99,9 +167,13 @@ def normalize_pair(record: dict, where: str = "record") -> dict:
   pair.pop("image_path", None)
   for key in ("question", "chosen", "rejected"):
     _require(pair, key, str, where)
-  pair.setdefault("id", "")
-  if pair.get("strength") is not None and not isinstance(pair["strength"], (int, float)):
-    raise UserError(f"{where}: field 'strength' should be a number")
+  pair["id"] = record_id(record, where)
+  _check_common(record, where)
+  _optional(record, "meta", dict, where)
+  _optional(record, "source", str, where)
+  strength = record.get("strength")
+  if strength is not None and not is_finite_number(strength):
+    raise UserError(f"{where}: field 'strength' should be a finite number, got {strength!r:.40}")
   return pair
 
 
@@ -122,7 +194,30 @@ def normalize_scoring(record: dict, where: str = "record") -> dict:
   rec.pop("image_path", None)
   _require(rec, "question", str, where)
   _require(rec, "answer", str, where)
+  _check_common(record, where)
+  if record.get("id") is not None:
+    rec["id"] = record_id(record, where)
   return rec
+
+
+def check_judgment(record: dict, where: str) -> dict:
+  """A judgment record (DESIGN §3.2) → a copy with `id` as a string and `where` added, the types of the
+  fields the steps read checked: `id` (string or integer), `mode`, `raw` and `error` (strings or
+  null). Whether `order` and `scores` make a valid judgment is each step's call (an invalid judgment
+  is counted, not an error), so they are not checked here."""
+  if record.get("id") is None:
+    raise UserError(f"{where}: missing field 'id' (judgments are matched to items by id)")
+  out = dict(record)
+  out["id"] = record_id(record, where)
+  for key in ("mode", "raw", "error"):
+    _optional(record, key, str, where)
+  out["where"] = where
+  return out
+
+
+def read_judgments(path: str | os.PathLike) -> list[dict]:
+  """A judgment file (JSON Lines), each record checked by `check_judgment`, with its file:line."""
+  return [check_judgment(r, at(path, n)) for n, r in iter_jsonl(path)]
 
 
 def pair_to_scoring(pair: dict) -> tuple[dict, dict]:

@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mrm_jax.cli_types import positive_int
 from mrm_jax.data import records
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import iter_jsonl, write_jsonl
+from mrm_jax.io import check_distinct_paths, iter_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,14 @@ def add_arguments(parser) -> None:
   parser.add_argument("--output", required=True, metavar="OUT.jsonl",
                       help='each candidate set plus "scores", "best" (index) and "best_response"')
   parser.add_argument("--image-root", metavar="DIR", help="folder image paths are relative to (default: the input's folder)")
-  parser.add_argument("--batch-size", type=int, default=8, help="scoring records per batch (default 8)")
+  parser.add_argument("--batch-size", type=positive_int, default=8,
+                      help="scoring records per batch (default 8)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype (default float32; parameters load in float32)")
 
 
 def run(args) -> int:
-  if args.batch_size < 1:
-    raise UserError("--batch-size must be at least 1")
+  check_distinct_paths({"--output": args.output}, {"--input": args.input})
   cands = read_candidates(args.input)
   if not cands:
     raise UserError(f"{args.input}: no candidate sets")

@@ -10,9 +10,10 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from mrm_jax.cli_types import positive_int
 from mrm_jax.errors import UserError
 from mrm_jax.evaluate import benchmarks, metrics
-from mrm_jax.io import write_json
+from mrm_jax.io import check_distinct_paths, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def add_arguments(parser) -> None:
   group = parser.add_argument_group("scoring (with --model)")
   group.add_argument("--image-root", metavar="DIR", help="folder the benchmark's image paths are relative to "
                      "(default: the data file's folder, or the images a parquet release embeds)")
-  group.add_argument("--batch-size", type=int, default=8, help="scoring records per batch (default 8)")
+  group.add_argument("--batch-size", type=positive_int, default=8,
+                     help="scoring records per batch (default 8)")
   group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="compute dtype (default float32; parameters load in float32)")
   group.add_argument("--skip-missing", action="store_true",
@@ -100,6 +102,8 @@ def run(args) -> int:
   from mrm_jax.data.readers import ImageStore
 
   benchmarks.check_name(args.benchmark)
+  if args.output:
+    check_distinct_paths({"--output": args.output}, {"--data": args.data, "--scores": args.scores})
   # Parquet releases embed their images: they are extracted to a temporary folder for the run.
   with tempfile.TemporaryDirectory(prefix="mrm-evaluate-") as tmp:
     store = ImageStore(tmp, tmp)
@@ -109,8 +113,6 @@ def run(args) -> int:
     if args.scores:
       rep = metrics.report(args.benchmark, items, metrics.read_scores(args.scores, items, args.data))
     else:
-      if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
       if store.created:
         if args.image_root:
           log.warning("%s embeds its images; --image-root is not used", args.data)

@@ -7,11 +7,11 @@ with no items reports `null` rather than a made-up number.
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections import defaultdict
 from typing import Sequence
 
+from mrm_jax.data.records import is_finite_number, record_id
 from mrm_jax.errors import UserError, at
 from mrm_jax.evaluate.benchmarks import MM_RLHF_CATEGORIES, VL_REWARDBENCH_CATEGORIES, BenchItem, check_name
 from mrm_jax.io import iter_jsonl
@@ -91,8 +91,8 @@ def report(name: str, items: Sequence[BenchItem], scores: Sequence[tuple[float, 
 
 
 def _number(value, key: str, where: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise UserError(f"{where}: '{key}' should be a number, got {value!r}")
+  if not is_finite_number(value):
+    raise UserError(f"{where}: '{key}' should be a finite number, got {value!r:.40}")
   return float(value)
 
 
@@ -107,7 +107,7 @@ def read_scores(path: str | os.PathLike, items: Sequence[BenchItem], data_path: 
     item = items[len(scores)]
     if "chosen" not in record or "rejected" not in record:
       raise UserError(f"{where}: a score line needs 'chosen' and 'rejected' numbers")
-    if "id" in record and str(record["id"]) != item.id:
+    if record.get("id") is not None and record_id(record, where) != item.id:
       raise UserError(f"{where}: id '{record['id']}' does not match record {len(scores) + 1} "
                       f"('{item.id}' at {item.where})")
     scores.append((_number(record["chosen"], "chosen", where), _number(record["rejected"], "rejected", where)))

@@ -22,6 +22,8 @@ import logging
 import os
 from pathlib import Path
 
+from mrm_jax.cli_types import positive_int
+
 log = logging.getLogger(__name__)
 
 PROGRESS_SUFFIX = ".progress"
@@ -35,16 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "tokenizer, optional value_head.safetensors) or a training workdir checkpoint")
   parser.add_argument("--input", required=True, help="scoring records, JSONL: {id, images, question, answer, system?}")
   parser.add_argument("--output", required=True, help="output JSONL: each input record plus \"score\"")
-  parser.add_argument("--batch-size", type=int, default=8, help="records per forward pass over all devices "
+  parser.add_argument("--batch-size", type=positive_int, default=8,
+                      help="records per forward pass over all devices "
                       "(default 8; rounded up to a multiple of the device count, padding rows are discarded)")
   parser.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the input "
                       "file's folder); paths escaping it are refused")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                       help="compute dtype (parameters are loaded in float32)")
-  parser.add_argument("--max-len", type=int, default=4096,
+  parser.add_argument("--max-len", type=positive_int, default=4096,
                       help="maximum tokens per record; longer prompts are cut (never the answer's end)")
-  parser.add_argument("--max-pixels", type=int, default=None, help="override the processor's max_pixels per image")
-  parser.add_argument("--chunk-size", type=int, default=None, metavar="N",
+  parser.add_argument("--max-pixels", type=positive_int, default=None,
+                      help="override the processor's max_pixels per image")
+  parser.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
                       help="records encoded and scored together and saved to OUTPUT.progress as one unit "
                       "(default 32 batches); resuming needs the same value and device count for bit-identical "
                       "scores")
@@ -136,12 +140,11 @@ def run(args) -> int:
   from mrm_jax import distributed
   from mrm_jax.errors import UserError
   from mrm_jax.evaluate.scoring import iter_score_chunks, read_scoring_file, scoring_key, scoring_mesh, step_rows
-  from mrm_jax.io import write_jsonl
+  from mrm_jax.io import check_distinct_paths, write_jsonl
 
-  if args.batch_size < 1:
-    raise UserError("--batch-size must be at least 1")
-  if args.chunk_size is not None and args.chunk_size < 1:
-    raise UserError("--chunk-size must be at least 1")
+  out = Path(args.output)
+  path = out.with_name(out.name + PROGRESS_SUFFIX)
+  check_distinct_paths({"--output": out, "--output's progress log": path}, {"--input": args.input})
   distributed.initialize(args)
   inp = Path(args.input)
   if not inp.is_file():
@@ -160,8 +163,6 @@ def run(args) -> int:
               "dtype": args.dtype, "max_len": args.max_len, "max_pixels": args.max_pixels,
               "image_root": str(root.resolve())}
   primary = jax.process_index() == 0
-  out = Path(args.output)
-  path = out.with_name(out.name + PROGRESS_SUFFIX)
   good, progress = _open_progress(path, settings, keys, not args.no_resume, primary)
   scores: list[float] = [s for e in good for s in e["scores"]]
   start = len(scores)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from mrm_jax.data.records import normalize_pair, resolve_image
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import read_json_or_jsonl
+from mrm_jax.io import iter_jsonl, read_json_or_jsonl
+from mrm_jax.judge.parse import MODES
 
 REMOTE_PREFIXES = ("http://", "https://", "data:")
 
@@ -54,7 +55,8 @@ def candidate_fields(record: dict, where: str) -> dict:
     raise UserError(f"{where}: field 'responses' should be a list of strings")
   question = record.get("question")
   if not isinstance(question, str):
-    raise UserError(f"{where}: missing field 'question'")
+    raise UserError(f"{where}: " + ("missing field 'question'" if question is None
+                                     else "field 'question' should be a string"))
   images = record.get("images", [])
   if isinstance(images, str):
     images = [images]
@@ -64,8 +66,9 @@ def candidate_fields(record: dict, where: str) -> dict:
   if reference is not None and not isinstance(reference, str):
     raise UserError(f"{where}: field 'reference' should be a string")
   models = record.get("models")
-  if models is not None and (not isinstance(models, list) or len(models) != len(responses)):
-    raise UserError(f"{where}: field 'models' should list one model per response")
+  if models is not None and (not isinstance(models, list) or len(models) != len(responses)
+                             or not all(isinstance(m, str) for m in models)):
+    raise UserError(f"{where}: field 'models' should list one model name (a string) per response")
   return {"id": _item_id(record, where), "images": images, "question": question, "reference": reference,
           "responses": responses, "models": models}
 
@@ -188,6 +191,38 @@ def missing_jobs(jobs: list[Job], done: list[dict], mode: str, retry_failed: boo
     else:
       todo.append(job)
   return todo
+
+
+def check_done(path: str | os.PathLike) -> None:
+  """Checks the judgments already in `path` (a run being resumed) have the fields resuming reads.
+
+  A torn or unparsable tail is AppendLog's to repair before this runs; a complete line of the
+  wrong shape is the user's to fix (a file that is not this command's output, or edited by hand).
+  """
+  if not Path(path).is_file():
+    return
+  for lineno, r in iter_jsonl(path):
+    problem = _judgment_problem(r)
+    if problem:
+      raise UserError(f"{at(path, lineno)}: not a judgment record: {problem} (DESIGN §3.2)")
+
+
+def _judgment_problem(r: dict) -> str | None:
+  if not isinstance(r.get("id"), (str, int)) or isinstance(r.get("id"), bool):
+    return "field 'id' should be a string"
+  if r.get("mode") not in MODES:
+    return f"field 'mode' should be one of {', '.join(MODES)}"
+  order = r.get("order")
+  if not isinstance(order, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in order):
+    return "field 'order' should be a list of response indices"
+  scores = r.get("scores")
+  if scores is not None and (not isinstance(scores, list) or not all(
+      isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores)):
+    return "field 'scores' should be null or a list of finite numbers"
+  for key in ("raw", "error", "judge"):
+    if r.get(key) is not None and not isinstance(r[key], str):
+      return f"field '{key}' should be a string or null"
+  return None
 
 
 def image_url(path: str) -> str:

@@ -308,6 +308,23 @@ def remat_policy(name: str | None):
   raise ValueError(f"unknown remat policy '{name}' (none | full | dots)")
 
 
+def remat_call(layer: nnx.Module, policy, *args):
+  """`layer(*args)`, recomputed in the backward pass under the checkpoint `policy` (None: plain call).
+
+  The checkpointed function is a pure function of the layer's split state, not `nnx.remat`: under
+  `jax.grad` of a model merged inside the traced loss (the train step), nnx.remat's write-back of
+  the layer's state raises flax's TraceContextError. These layers never mutate their state, so
+  nothing needs writing back."""
+  if policy is None:
+    return layer(*args)
+  graphdef, state = nnx.split(layer)
+
+  def pure(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return jax.checkpoint(pure, policy=policy)(state, *args)
+
+
 def count_params(module: nnx.Module) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
 

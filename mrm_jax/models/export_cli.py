@@ -44,12 +44,9 @@ def load_checkpoint_for_export(path: str):
 
 
 def run(args) -> int:
-  from mrm_jax.errors import UserError
-  from mrm_jax.io import check_writable_dir
-  src = Path(args.checkpoint).resolve()
+  from mrm_jax.io import check_distinct_paths, check_writable_dir
   out = Path(args.output).resolve()
-  if src == out:
-    raise UserError("--output must differ from --checkpoint")
+  check_distinct_paths({"--output": out}, {"--checkpoint": args.checkpoint})
   model, config, source_dir = load_checkpoint_for_export(args.checkpoint)
   check_writable_dir(out)
   export_reward_model(model, config, out, source_dir=source_dir, dtype=args.dtype)

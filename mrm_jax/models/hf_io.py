@@ -11,7 +11,6 @@ initialised (with a warning) when absent. Export writes the current names, loada
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mrm_jax.errors import UserError
-from mrm_jax.io import atomic_open, write_json
+from mrm_jax.io import atomic_open, atomic_outputs, read_json_object, write_json
 from mrm_jax.models.common import abstract_params
 
 log = logging.getLogger(__name__)
@@ -55,10 +54,7 @@ def read_config(path: str | os.PathLike) -> dict:
   cfg_file = path / "config.json"
   if not cfg_file.is_file():
     raise UserError(f"{path}: no config.json (not an HF model directory)")
-  try:
-    return json.loads(cfg_file.read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise UserError(f"{cfg_file}:{e.lineno}: malformed JSON ({e.msg})") from None
+  return read_json_object(cfg_file)
 
 
 def family_and_config(path: str | os.PathLike):
@@ -70,7 +66,19 @@ def family_and_config(path: str | os.PathLike):
     raise UserError(f"{Path(path) / 'config.json'}: unknown model_type '{model_type}' "
                     f"(supported: {', '.join(FAMILIES)})")
   fam = get_family(model_type)
-  return fam, fam.Config.from_hf(d)
+  cfg_file = Path(path) / "config.json"
+  try:
+    return fam, fam.Config.from_hf(d)
+  except UserError as e:  # from_hf names the file by its base name only
+    raise UserError(f"{cfg_file}: {str(e).removeprefix('config.json: ')}") from None
+  except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:  # a field of a wrong type
+    raise UserError(f"{cfg_file}: invalid {fam.MODEL_TYPE} config ({type(e).__name__}: {e})") from None
+
+
+def _safetensors_error(f: Path, e: Exception) -> UserError:
+  """A safetensors failure (truncated file, garbage header, bad offsets): one line naming the file."""
+  return UserError(f"{f}: not a readable safetensors file ({str(e).strip() or type(e).__name__}); "
+                   "the download or copy may be incomplete")
 
 
 class _TensorIndex:
@@ -82,9 +90,15 @@ class _TensorIndex:
     self.where: dict[str, Path] = {}
     self._open = {}
     for f in files:
-      h = safe_open(str(f), framework="numpy")
+      try:
+        h = safe_open(str(f), framework="numpy")
+        names = list(h.keys())
+      except OSError as e:
+        raise UserError(f"{f}: cannot read ({e.strerror or e})") from None
+      except Exception as e:  # safetensors' SafetensorError (and older versions' plain errors)
+        raise _safetensors_error(f, e) from None
       self._open[f] = h
-      for k in h.keys():
+      for k in names:
         self.where[k] = f
 
   def find(self, key: str) -> str | None:
@@ -97,7 +111,12 @@ class _TensorIndex:
     return tuple(self._open[self.where[key]].get_slice(key).get_shape())
 
   def get(self, key: str) -> np.ndarray:
-    return self._open[self.where[key]].get_tensor(key)
+    try:
+      return self._open[self.where[key]].get_tensor(key)
+    except (MemoryError, KeyboardInterrupt):
+      raise
+    except Exception as e:  # data region shorter than the header says, an unknown dtype, ...
+      raise _safetensors_error(self.where[key], e) from None
 
   def file_of(self, key: str) -> Path:
     return self.where[key]
@@ -106,10 +125,9 @@ class _TensorIndex:
 def weight_files(path: Path) -> list[Path]:
   index = path / "model.safetensors.index.json"
   if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise UserError(f"{index}: malformed index ({e})") from None
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise UserError(f"{index}: malformed index ('weight_map' should map tensor names to file names)")
     files = [path / f for f in dict.fromkeys(weight_map.values())]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -215,8 +233,8 @@ def export_hf(model, out_dir, *, dtype: str | None = None, max_shard_bytes: int 
               source_dir: str | os.PathLike | None = None) -> Path:
   """Writes `model` (a RewardModel) as an HF directory: config.json, model safetensors (current key
   names, sharded with an index above `max_shard_bytes`), value_head.safetensors, and the tokenizer /
-  preprocessor files copied from `source_dir` when given. Every file is written atomically."""
-  from safetensors.numpy import save as st_save
+  preprocessor files copied from `source_dir` when given. The files are committed together
+  (`atomic_outputs`: a failure leaves a previous export in `out_dir` as it was), config.json last."""
   import ml_dtypes
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -244,30 +262,40 @@ def export_hf(model, out_dir, *, dtype: str | None = None, max_shard_bytes: int 
   shards.append(cur)
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-  weight_map = {}
-  for name, shard in zip(names, shards):
-    tensors = {k: np.ascontiguousarray(_param_to_hf(kind, host(p.get_value()), s)) for k, p, kind, s in shard}
-    with atomic_open(out / name, "wb") as f:
-      f.write(st_save(tensors, metadata={"format": "pt"}))
-    weight_map.update({k: name for k in tensors})
-    del tensors
-  if len(shards) > 1:
-    write_json(out / "model.safetensors.index.json",
-               {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map})
-  else:
-    stale = out / "model.safetensors.index.json"
-    if stale.exists():
-      stale.unlink()
-  head = {V_HEAD_WEIGHT: np.ascontiguousarray(host(model.v_head.kernel.get_value()).T),
-          V_HEAD_BIAS: host(model.v_head.bias.get_value())}
-  with atomic_open(out / VALUE_HEAD_FILE, "wb") as f:
-    f.write(st_save(head, metadata={"format": "pt"}))
   hf_cfg = cfg.to_hf()
   hf_cfg["dtype"] = dtype or str(np.dtype(entries[0][1].get_value().dtype))
-  write_json(out / "config.json", hf_cfg)
-  if source_dir is not None and Path(source_dir).resolve() != out.resolve():
-    for fname in TOKENIZER_FILES:
-      src = Path(source_dir) / fname
-      if src.is_file():
-        shutil.copyfile(src, out / fname)
+  with atomic_outputs():
+    weight_map = {}
+    for name, shard in zip(names, shards):
+      tensors = {k: np.ascontiguousarray(_param_to_hf(kind, host(p.get_value()), s))
+                 for k, p, kind, s in shard}
+      _write_safetensors(out / name, tensors)
+      weight_map.update({k: name for k in tensors})
+      del tensors
+    if len(shards) > 1:
+      write_json(out / "model.safetensors.index.json",
+                 {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map})
+    head = {V_HEAD_WEIGHT: np.ascontiguousarray(host(model.v_head.kernel.get_value()).T),
+            V_HEAD_BIAS: host(model.v_head.bias.get_value())}
+    _write_safetensors(out / VALUE_HEAD_FILE, head)
+    if source_dir is not None and Path(source_dir).resolve() != out.resolve():
+      _copy_processor_files(Path(source_dir), out)
+    write_json(out / "config.json", hf_cfg)  # last: it is what makes the directory an HF model
+  stale = out / "model.safetensors.index.json"
+  if len(shards) == 1 and stale.exists():  # only now: until the commit the old index matched the old shards
+    stale.unlink()
   return out
+
+
+def _write_safetensors(path: Path, tensors: dict) -> None:
+  from safetensors.numpy import save as st_save
+  with atomic_open(path, "wb") as f:
+    f.write(st_save(tensors, metadata={"format": "pt"}))
+
+
+def _copy_processor_files(source_dir: Path, out: Path) -> None:
+  for fname in TOKENIZER_FILES:
+    src = source_dir / fname
+    if src.is_file():
+      with open(src, "rb") as fin, atomic_open(out / fname, "wb") as fout:
+        shutil.copyfileobj(fin, fout)

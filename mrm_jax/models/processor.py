@@ -69,9 +69,25 @@ def to_rgb(image):
   return image.convert("RGB")
 
 
+def _refuse_decompression_bombs() -> None:
+  """PIL only warns about an image between MAX_IMAGE_PIXELS and twice that (and raises above): make
+  the warning an error too, so such an image is refused with one line instead of being decoded with
+  a warning printed among the output. A process-wide filter, checked on each call because
+  `warnings.catch_warnings` blocks (pytest's, a caller's) drop it on exit; `catch_warnings` around each
+  open would be simpler but is not thread-safe, and images are decoded in tf.data's threads."""
+  import warnings
+
+  from PIL import Image
+  bomb = Image.DecompressionBombWarning
+  if not any(f[0] == "error" and f[2] is bomb for f in warnings.filters):
+    warnings.filterwarnings("error", category=bomb)
+
+
 def load_image(path: str | os.PathLike, where: str = "record", name: str | None = None):
-  """An RGB PIL image; a missing or undecodable file is a UserError naming the record and the path as given."""
+  """An RGB PIL image; a missing, undecodable or too large file is a UserError naming the record and
+  the path as given."""
   from PIL import Image, UnidentifiedImageError
+  _refuse_decompression_bombs()
   shown = f"'{name}' ({path})" if name is not None and str(name) != str(path) else f"'{path}'"
   try:
     with Image.open(path) as im:
@@ -79,7 +95,9 @@ def load_image(path: str | os.PathLike, where: str = "record", name: str | None 
       return to_rgb(im)
   except FileNotFoundError:
     raise UserError(f"{where}: image {shown} not found") from None
-  except (UnidentifiedImageError, OSError) as e:
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise UserError(f"{where}: image {shown} is too large to decode safely ({e})") from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:  # truncated, corrupt
     raise UserError(f"{where}: image {shown} cannot be decoded ({type(e).__name__})") from None
 
 

@@ -212,10 +212,7 @@ class VisionTower(nnx.Module):
     policy = common.remat_policy(self.remat)
     for i, blk in enumerate(self.blocks):
       mask = full_mask if i in self.cfg.fullatt_block_indexes else window_mask
-      if policy is not None:
-        x = nnx.remat(lambda b, h, m: b(h, cos, sin, m), policy=policy)(blk, x, mask)
-      else:
-        x = blk(x, cos, sin, mask)
+      x = common.remat_call(blk, policy, x, cos, sin, mask)
     return self.merger(x)
 
 

@@ -250,10 +250,7 @@ class VisionTower(nnx.Module):
     mask = common.segment_mask(segment_ids)
     policy = common.remat_policy(self.remat)
     for blk in self.blocks:
-      if policy is not None:
-        x = nnx.remat(lambda b, h: b(h, cos, sin, mask), policy=policy)(blk, x)
-      else:
-        x = blk(x, cos, sin, mask)
+      x = common.remat_call(blk, policy, x, cos, sin, mask)
     return self.merger(x)
 
 
@@ -314,10 +311,7 @@ class TextModel(nnx.Module):
     policy = common.remat_policy(self.remat)
     x = embeds
     for layer in self.layers:
-      if policy is not None:
-        x = nnx.remat(lambda l, h: l(h, cos, sin, attention_mask), policy=policy)(layer, x)
-      else:
-        x = layer(x, cos, sin, attention_mask)
+      x = common.remat_call(layer, policy, x, cos, sin, attention_mask)
     return self.norm(x)
 
 

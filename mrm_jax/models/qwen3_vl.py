@@ -267,10 +267,7 @@ class VisionTower(nnx.Module):
     policy = common.remat_policy(self.remat)
     deepstack = []
     for i, blk in enumerate(self.blocks):
-      if policy is not None:
-        x = nnx.remat(lambda b, h: b(h, cos, sin, mask), policy=policy)(blk, x)
-      else:
-        x = blk(x, cos, sin, mask)
+      x = common.remat_call(blk, policy, x, cos, sin, mask)
       if i in self.cfg.deepstack_visual_indexes:
         deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
     return self.merger(x), deepstack
@@ -322,10 +319,7 @@ class TextModel(nnx.Module):
     policy = common.remat_policy(self.remat)
     x = embeds
     for i, layer in enumerate(self.layers):
-      if policy is not None:
-        x = nnx.remat(lambda l, h: l(h, cos, sin, attention_mask), policy=policy)(layer, x)
-      else:
-        x = layer(x, cos, sin, attention_mask)
+      x = common.remat_call(layer, policy, x, cos, sin, attention_mask)
       if i < len(deepstack):
         x = x + deepstack[i].astype(x.dtype)
     return self.norm(x)

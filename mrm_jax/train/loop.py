@@ -251,10 +251,10 @@ def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None, mode
   primary = jax.process_index() == 0
 
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
-  latest = ckpt.latest_step()
+  restored = ckpt.restore_latest(setup.abstract_state(), set_aside=True)  # a damaged newest step: the one before
   resumed_from = None
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, setup.abstract_state())
+  if restored is not None:
+    latest, state, data_state = restored
     if data_state and hasattr(train_data, "set_state"):
       train_data.set_state(data_state)
     resumed_from = int(latest)
@@ -388,16 +388,17 @@ def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None,
   the config in its manifest; for `mrm-jax export` / `score`. The processor comes from `cfg.model.path`
   (or the run's `init_from`) when the run started from an HF directory. `devices` restricts the mesh the
   parameters are restored onto (default: all devices; `curate run` scores on one local device)."""
-  import json
-
   import ml_collections
 
+  from mrm_jax.io import read_json_object
   from mrm_jax.train.checkpoint import Checkpointer
   workdir = Path(workdir)
   man_path = workdir / "manifest.json"
   if not man_path.is_file():
     raise UserError(f"{workdir}: not a training workdir (no manifest.json)")
-  man = json.loads(man_path.read_text())
+  man = read_json_object(man_path)
+  if not isinstance(man.get("config"), dict):
+    raise UserError(f"{man_path}: not a run manifest (no 'config' object)")
   cfg = ml_collections.ConfigDict(man["config"])
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
   if dtype:

@@ -39,7 +39,10 @@ class MetricsLog:
 
   def write(self, record: dict) -> None:
     if self.enabled:
-      self._log.append(record)
+      # A diverging metric (an infinite grad norm, say) is worth a record, not a stopped run: JSON has
+      # no NaN or Infinity, so it is written as null.
+      self._log.append({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                        for k, v in record.items()})
 
   def close(self) -> None:
     if self.enabled:
