@@ -14,15 +14,7 @@ from PIL import Image
 from mrm_jax.cli import main
 from mrm_jax.errors import UserError
 
-
-def _one_error_line(capsys, *needles) -> str:
-  err = capsys.readouterr().err
-  assert "Traceback" not in err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1, err
-  for n in needles:
-    assert str(n) in lines[0], lines[0]
-  return lines[0]
+from cli_checks import one_error_line
 
 
 # -- safetensors and config.json -----------------------------------------------------------------------------
@@ -48,7 +40,7 @@ def test_export_of_a_corrupt_safetensors_names_the_file(tmp_path, capsys, kind):
   out.mkdir()
   (out / "config.json").write_text("previous export")
   assert main(["export", "--checkpoint", str(src), "--output", str(out)]) == 2
-  _one_error_line(capsys, src / "model.safetensors", "not a readable safetensors file")
+  one_error_line(capsys, src / "model.safetensors", "not a readable safetensors file")
   assert (out / "config.json").read_text() == "previous export"
 
 
@@ -62,7 +54,7 @@ def test_malformed_config_json_names_the_file(tmp_path, capsys, text, needle):
   src.mkdir()
   (src / "config.json").write_text(text)
   assert main(["export", "--checkpoint", str(src), "--output", str(tmp_path / "out")]) == 2
-  _one_error_line(capsys, src / "config.json", needle)
+  one_error_line(capsys, src / "config.json", needle)
 
 
 # -- images --------------------------------------------------------------------------------------------------
@@ -175,7 +167,7 @@ def test_malformed_training_manifest_names_the_file(tmp_path, capsys):
   (wd / "checkpoints").mkdir(parents=True)
   (wd / "manifest.json").write_text('{"config": {"model": ')
   assert main(["export", "--checkpoint", str(wd), "--output", str(tmp_path / "out")]) == 2
-  _one_error_line(capsys, wd / "manifest.json", "malformed JSON")
+  one_error_line(capsys, wd / "manifest.json", "malformed JSON")
 
 
 # -- numeric options -----------------------------------------------------------------------------------------
@@ -225,5 +217,5 @@ def test_numeric_options_are_checked_while_parsing(argv, option, value, capsys):
 def test_config_values_are_checked_before_training(tmp_path, capsys, override, message):
   assert main(["train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                f"--config.{override}"]) == 2
-  _one_error_line(capsys, message)
+  one_error_line(capsys, message)
   assert not (tmp_path / "w" / "checkpoints").exists()

@@ -15,6 +15,8 @@ from mrm_jax import io
 from mrm_jax.cli import main
 from mrm_jax.errors import UserError
 
+from cli_checks import one_error_line
+
 PAIRS = [{"id": f"p{i}", "images": [], "question": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
          for i in range(4)]
 
@@ -36,17 +38,6 @@ def pairs_and_scores(tmp_path):
   return pairs, _write(tmp_path / "scores.jsonl", scores)
 
 
-def _one_error_line(capsys, *needles) -> str:
-  err = capsys.readouterr().err
-  assert "Traceback" not in err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1, err
-  for n in needles:
-    assert str(n) in lines[0], lines[0]
-  assert ".tmp" not in lines[0]
-  return lines[0]
-
-
 def _temps(directory: Path) -> list[str]:
   return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
 
@@ -61,7 +52,7 @@ def test_filter_refuses_one_file_for_output_and_queue(pairs_and_scores, tmp_path
   rc = main(["curate", "filter", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out),
              "--inconsistent", str(tmp_path / "." / "out.jsonl")])
   assert rc == 2
-  _one_error_line(capsys, "--inconsistent", "--output", out.name)
+  one_error_line(capsys, "--inconsistent", "--output", out.name)
   assert out.read_bytes() == b"previous good output\n"
 
 
@@ -73,7 +64,7 @@ def test_construct_refuses_report_on_the_pairs(tmp_path, capsys):
   rc = main(["construct", "--candidates", str(cand), "--judgments", str(judg), "--output", str(out),
              "--report", str(out)])
   assert rc == 2
-  _one_error_line(capsys, "--report", "--output")
+  one_error_line(capsys, "--report", "--output")
   assert out.read_bytes() == b"old pairs\n"
 
 
@@ -84,7 +75,7 @@ def test_judge_refuses_appending_into_its_input(tmp_path, capsys):
   rc = main(["judge", "--input", str(inp), "--output", str(inp), "--base-url", "http://127.0.0.1:9/v1",
              "--judge-model", "m", "--no-progress"])
   assert rc == 2
-  _one_error_line(capsys, "--output", "--input", inp.name)
+  one_error_line(capsys, "--output", "--input", inp.name)
   assert inp.read_bytes() == before
 
 
@@ -95,7 +86,7 @@ def test_hard_linked_output_is_the_input(tmp_path, capsys):
   rc = main(["score", "--model", str(tmp_path / "no-model"), "--input", str(inp),
              "--output", str(tmp_path / "alias.jsonl")])
   assert rc == 2  # refused before the model is even looked at
-  _one_error_line(capsys, "alias.jsonl", "--input")
+  one_error_line(capsys, "alias.jsonl", "--input")
   assert inp.read_bytes() == before
 
 
@@ -111,7 +102,7 @@ def test_every_command_refuses_an_input_as_output(argv, pairs_and_scores, capsys
   pairs, scores = pairs_and_scores
   before = pairs.read_bytes(), scores.read_bytes()
   assert main([a.format(pairs=pairs, scores=scores) for a in argv]) == 2
-  _one_error_line(capsys, "is the same file as the input")
+  one_error_line(capsys, "is the same file as the input")
   assert (pairs.read_bytes(), scores.read_bytes()) == before
 
 
@@ -132,7 +123,7 @@ def test_filter_failing_second_output_leaves_the_first_untouched(pairs_and_score
   rc = main(["curate", "filter", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out),
              "--inconsistent", str(tmp_path / "blocker" / "queue.jsonl")])
   assert rc == 2
-  _one_error_line(capsys, "blocker")
+  one_error_line(capsys, "blocker")
   assert out.read_bytes() == b"old kept\n"
   assert _temps(tmp_path) == []
   # and when both can be written, both are
@@ -227,7 +218,7 @@ def test_output_that_is_a_directory_is_named(pairs_and_scores, tmp_path, capsys)
   rc = main(["curate", "flip", "--pairs", str(pairs), "--scores", str(scores),
              "--output", str(tmp_path / "outdir")])
   assert rc == 2
-  _one_error_line(capsys, "outdir", "is a directory")
+  one_error_line(capsys, "outdir", "is a directory")
   assert _temps(tmp_path) == [] and list((tmp_path / "outdir").iterdir()) == []
 
 
