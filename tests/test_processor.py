@@ -162,3 +162,26 @@ def test_collate_static_shapes_and_segments(proc, images, tmp_path):
   np.testing.assert_array_equal(b["strength"], [1, 2, 3])
   with pytest.raises(ValueError, match="patch_budget"):
     collate([vid], seq_len=vid.length, patch_budget=4, merge_size=2)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("preprocessor_config.json", '{"max_pixels": "big"}', "preprocessor_config.json: field 'max_pixels'"),
+    ("preprocessor_config.json", '{"size": [1, 2]}', "preprocessor_config.json: field 'size'"),
+    ("preprocessor_config.json", '{"image_mean": [0.5, NaN, 0.5]}', "preprocessor_config.json: NaN is not a JSON number"),
+    ("preprocessor_config.json", '{"patch_size": 14,', "preprocessor_config.json:1: malformed JSON"),
+    ("video_preprocessor_config.json", '{"merge_size": 0}', "video_preprocessor_config.json: field 'merge_size'"),
+    ("chat_template.json", '{"chat_template": 3}', "chat_template.json: field 'chat_template'"),
+])
+def test_broken_processor_files_name_the_file(tmp_path, name, content, message):
+  tok = mf.build_tokenizer(tmp_path)
+  mf.save_preprocessor(tmp_path)
+  cfg = qwen2_vl.Config.from_hf(mf.tiny_qwen2_vl_config(tok).to_dict())
+  if name == "chat_template.json":  # only read when the tokenizer carries no template of its own
+    import json
+    tc = tmp_path / "tokenizer_config.json"
+    tc.write_text(json.dumps({k: v for k, v in json.loads(tc.read_text()).items() if k != "chat_template"}))
+    for f in ("chat_template.jinja",):
+      (tmp_path / f).unlink(missing_ok=True)
+  (tmp_path / name).write_text(content)
+  with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    Processor.from_pretrained(tmp_path, FAM, cfg)

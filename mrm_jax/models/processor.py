@@ -22,7 +22,6 @@ vision tokens and the final scored token are never cut.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -34,6 +33,7 @@ import numpy as np
 
 from mrm_jax.data.records import IMAGE_PLACEHOLDER, resolve_image
 from mrm_jax.errors import UserError
+from mrm_jax.io import read_json_object
 
 VIDEO_PLACEHOLDER = "<video>"
 _PLACEHOLDER_RE = re.compile(r"(<image>|<video>)")
@@ -170,6 +170,8 @@ def _settings(defaults: dict, override: dict | None, min_pixels=None, max_pixels
   s = dict(defaults)
   o = dict(override or {})
   size = o.pop("size", None) or {}
+  if not isinstance(size, dict):
+    raise UserError("field 'size' should be an object")
   for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor",
             "min_pixels", "max_pixels"):
     if o.get(k) is not None:
@@ -183,6 +185,42 @@ def _settings(defaults: dict, override: dict | None, min_pixels=None, max_pixels
   if max_pixels is not None:
     s["max_pixels"] = int(max_pixels)
   return s
+
+
+_POSITIVE_INTS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels")
+
+
+def _checked_settings(settings: dict, where: Path) -> dict:
+  """Processor settings as the encoder needs them; a wrong value is a UserError naming the file it came
+  from (a hand-edited preprocessor_config.json, say), not a traceback from deep in the resize."""
+  def bad(key, what):
+    raise UserError(f"{where}: field '{key}' should be {what}, got {settings[key]!r}")
+  for key in _POSITIVE_INTS:
+    v = settings.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      bad(key, "a positive integer")
+  for key in ("image_mean", "image_std"):
+    v = settings.get(key)
+    if v is not None and not (isinstance(v, list) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+      bad(key, "a list of 3 finite numbers")
+  v = settings.get("rescale_factor")
+  if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+    bad("rescale_factor", "a positive number")
+  return settings
+
+
+def _chat_template(f: Path) -> str:
+  """The template of chat_template.jinja (text) or chat_template.json ({"chat_template": text})."""
+  if f.suffix != ".json":
+    try:
+      return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+      raise UserError(f"{f}: not valid UTF-8 (byte {e.start})") from None
+  template = read_json_object(f).get("chat_template")
+  if not isinstance(template, str):
+    raise UserError(f"{f}: field 'chat_template' should be a string")
+  return template
 
 
 class Processor:
@@ -211,25 +249,25 @@ class Processor:
       for name in ("chat_template.jinja", "chat_template.json"):
         f = path / name
         if f.is_file():
-          text = f.read_text(encoding="utf-8")
-          tok.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+          tok.chat_template = _chat_template(f)
           break
 
     def read(name):
       f = path / name
-      if not f.is_file():
-        return None
-      try:
-        return json.loads(f.read_text(encoding="utf-8"))
-      except json.JSONDecodeError as e:
-        raise UserError(f"{f}:{e.lineno}: malformed JSON ({e.msg})") from None
+      return read_json_object(f) if f.is_file() else None
 
     image_cfg = read("preprocessor_config.json")
     video_cfg = read("video_preprocessor_config.json") or {}
-    image = _settings(family.IMAGE_DEFAULTS, image_cfg, min_pixels, max_pixels)
-    video = _settings(family.VIDEO_DEFAULTS, {k: v for k, v in (image_cfg or {}).items()
-                                               if k not in ("min_pixels", "max_pixels", "size")})
-    video = _settings(video, video_cfg)
+    image_file, video_file = path / "preprocessor_config.json", path / "video_preprocessor_config.json"
+    try:
+      image = _checked_settings(_settings(family.IMAGE_DEFAULTS, image_cfg, min_pixels, max_pixels), image_file)
+      video = _settings(family.VIDEO_DEFAULTS, {k: v for k, v in (image_cfg or {}).items()
+                                                 if k not in ("min_pixels", "max_pixels", "size")})
+      video = _checked_settings(_settings(video, video_cfg), video_file if video_cfg else image_file)
+    except UserError as e:
+      if not str(e).startswith("field "):
+        raise
+      raise UserError(f"{image_file}: {e}") from None
     return cls(tok, family, config, image, video)
 
   # -- text -----------------------------------------------------------------------------------
