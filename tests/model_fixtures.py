@@ -154,3 +154,15 @@ def torch_hidden_and_rewards(model, head, batch: dict):
   w, b = head
   rewards = hidden[np.arange(len(last)), last] @ w[0].astype(np.float64) + b[0]
   return hidden, rewards.astype(np.float32)
+
+
+def tiny_processor(out_dir, max_pixels: int = 56 * 56):
+  """The real Processor of a tiny Qwen2-VL directory (tokenizer + config + preprocessor) written to
+  `out_dir`."""
+  from mrm_jax.models import hf_io
+  from mrm_jax.models.processor import Processor
+  tok = build_tokenizer(out_dir)
+  tiny_qwen2_vl_config(tok).save_pretrained(str(out_dir))
+  save_preprocessor(out_dir, max_pixels=max_pixels)
+  fam, cfg = hf_io.family_and_config(out_dir)
+  return Processor.from_pretrained(out_dir, fam, cfg)

@@ -316,16 +316,8 @@ def test_malformed_run_manifest_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-  from model_fixtures import build_tokenizer, save_preprocessor, tiny_qwen2_vl_config
-
-  from mrm_jax.models import hf_io
-  from mrm_jax.models.processor import Processor
-  d = tmp_path_factory.mktemp("tiny_model")
-  tok = build_tokenizer(d)
-  tiny_qwen2_vl_config(tok).save_pretrained(str(d))
-  save_preprocessor(d, max_pixels=56 * 56)
-  fam, cfg = hf_io.family_and_config(d)
-  return Processor.from_pretrained(d, fam, cfg)
+  from model_fixtures import tiny_processor
+  return tiny_processor(tmp_path_factory.mktemp("tiny_model"))
 
 
 def test_training_skips_and_counts_hostile_records(tmp_path, processor, caplog):
