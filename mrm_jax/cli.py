@@ -1,7 +1,7 @@
 """The `mrm-jax` command.
 
-Each subcommand lives next to the code it drives, in a module exposing
-`add_arguments(parser)` and `run(args) -> int | None`. Modules are imported only when
+Each subcommand is a module of `mrm_jax.commands` exposing `add_arguments(parser)` and
+`run(args) -> int | None`. Modules are imported only when
 their command runs (or its --help is asked for), so `mrm-jax --help` stays instant and a
 heavy dependency of one command never slows another.
 """
@@ -17,17 +17,17 @@ from mrm_jax.errors import UserError
 
 # name -> (module, one-line help). Register a command only when it works.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("mrm_jax.demo.cli", "the whole pipeline on the embedded synthetic world (CPU, minutes)"),
-    "score": ("mrm_jax.evaluate.score_cli", "score every record of a JSONL file with a reward model"),
-    "export": ("mrm_jax.models.export_cli", "write a reward model as an HF directory (+ value_head.safetensors)"),
-    "train": ("mrm_jax.train.cli", "train a reward model on a device mesh; resumes from the workdir's checkpoints"),
-    "judge": ("mrm_jax.judge.cli", "score candidate responses with an OpenAI-compatible judge (resumable)"),
-    "construct": ("mrm_jax.construct.cli", "debiased preference pairs from judged candidate sets, with a style-bias report"),
-    "t2i": ("mrm_jax.construct.t2i_cli", "T2I preferences -> position-balanced two-image reward-model pairs"),
-    "convert": ("mrm_jax.data.convert_cli", "native dataset (RLAIF-V, VLFeedback, Pick-a-Pic, benchmarks, ...) -> preference pairs"),
-    "evaluate": ("mrm_jax.evaluate.cli", "benchmark metrics (VL-RewardBench, Multimodal RewardBench, MM-RLHF-RewardBench, pairs) from scores or a model"),
-    "curate": ("mrm_jax.curate.cli", "iterative curation: the flip, filter and vote steps, or the whole resumable loop (run)"),
-    "best-of-n": ("mrm_jax.evaluate.best_of_n", "pick the highest-reward response of each candidate set (all scores kept)"),
+    "demo": ("mrm_jax.commands.demo", "the whole pipeline on the embedded synthetic world (CPU, minutes)"),
+    "score": ("mrm_jax.commands.score", "score every record of a JSONL file with a reward model"),
+    "export": ("mrm_jax.commands.export", "write a reward model as an HF directory (+ value_head.safetensors)"),
+    "train": ("mrm_jax.commands.train", "train a reward model on a device mesh; resumes from the workdir's checkpoints"),
+    "judge": ("mrm_jax.commands.judge", "score candidate responses with an OpenAI-compatible judge (resumable)"),
+    "construct": ("mrm_jax.commands.construct", "debiased preference pairs from judged candidate sets, with a style-bias report"),
+    "t2i": ("mrm_jax.commands.t2i", "T2I preferences -> position-balanced two-image reward-model pairs"),
+    "convert": ("mrm_jax.commands.convert", "native dataset (RLAIF-V, VLFeedback, Pick-a-Pic, benchmarks, ...) -> preference pairs"),
+    "evaluate": ("mrm_jax.commands.evaluate", "benchmark metrics (VL-RewardBench, Multimodal RewardBench, MM-RLHF-RewardBench, pairs) from scores or a model"),
+    "curate": ("mrm_jax.commands.curate", "iterative curation: the flip, filter and vote steps, or the whole resumable loop (run)"),
+    "best-of-n": ("mrm_jax.commands.best_of_n", "pick the highest-reward response of each candidate set (all scores kept)"),
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mrm_jax import cli
-from mrm_jax.data import convert_cli
+from mrm_jax.construct import convert as convert_lib
 from mrm_jax.errors import UserError
 
 LF_RECORDS = [
@@ -47,7 +47,7 @@ def test_llamafactory_canonical_llamafactory_round_trip(tmp_path, as_list):
 def test_llamafactory_output_adds_missing_placeholders(tmp_path):
   src = tmp_path / "mm.jsonl"
   src.write_text(json.dumps({"id": "a", "image": "x.jpg", "prompt": "Describe.", "chosen": "C", "rejected": "R"}) + "\n")
-  convert_cli.convert(src, "mm_rlhf", tmp_path / "lf.jsonl", "llamafactory")
+  convert_lib.convert(src, "mm_rlhf", tmp_path / "lf.jsonl", "llamafactory")
   (rec,) = _read(tmp_path / "lf.jsonl")
   assert rec["conversations"] == [{"from": "human", "value": "<image>Describe."}]
   assert rec["images"] == ["x.jpg"] and rec["chosen"] == {"from": "gpt", "value": "C"}
@@ -97,7 +97,7 @@ def test_image_dir_must_be_inside_output_folder(tmp_path):
   src = tmp_path / "p.jsonl"
   src.write_text(json.dumps({"question": "Q", "chosen": "C", "rejected": "R"}) + "\n")
   with pytest.raises(UserError, match="must lie inside the output's folder"):
-    convert_cli.convert(src, "canonical", tmp_path / "o" / "x.jsonl", image_dir=tmp_path / "elsewhere")
+    convert_lib.convert(src, "canonical", tmp_path / "o" / "x.jsonl", image_dir=tmp_path / "elsewhere")
 
 
 def test_help_lists_formats(capsys):

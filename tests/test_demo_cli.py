@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mrm_jax.cli import main
-from mrm_jax.demo.cli import load_demo_config
+from mrm_jax.demo.config import load_demo_config
 from mrm_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from mrm_jax import cli
 from mrm_jax.data.records import REWARD_SYSTEM_PROMPT
 from mrm_jax.errors import UserError
 from mrm_jax.evaluate import benchmarks, metrics
-from mrm_jax.evaluate.cli import skipped_summary, split_missing
+from mrm_jax.evaluate.model_eval import skipped_summary, split_missing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 VLRB = SHARED / "vl_rewardbench" / "data.jsonl"

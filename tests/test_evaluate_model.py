@@ -108,7 +108,7 @@ def _expected_records(rec):
 
 def test_score_items_match_torch_oracle(setup):
   from mrm_jax.evaluate import benchmarks
-  from mrm_jax.evaluate.cli import score_items
+  from mrm_jax.evaluate.model_eval import score_items
   from mrm_jax.models import load_reward_model
   items = benchmarks.load("mm_rlhf_rewardbench", setup["data"])[:5]
   model, proc = load_reward_model(setup["model"])

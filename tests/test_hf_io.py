@@ -10,7 +10,6 @@ from safetensors.numpy import load_file, save_file
 import model_fixtures as mf
 from mrm_jax.errors import UserError
 from mrm_jax.models import hf_io, load_reward_model
-from mrm_jax.models.export_cli import export_reward_model
 
 torch = pytest.importorskip("torch")
 
@@ -108,7 +107,7 @@ def test_errors_name_the_problem(hf_dir, tmp_path):
 def test_export_loads_in_transformers_and_back(hf_dir, tmp_path):
   from transformers import Qwen2VLForConditionalGeneration
   model, _ = load_reward_model(hf_dir["dir"])
-  out = export_reward_model(model, model.config, tmp_path / "export", source_dir=hf_dir["dir"])
+  out = hf_io.export_hf(model, tmp_path / "export", source_dir=hf_dir["dir"])
   assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
   head = load_file(str(out / "value_head.safetensors"))
   np.testing.assert_array_equal(head["v_head.summary.weight"], hf_dir["head"][0])

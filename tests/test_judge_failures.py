@@ -21,7 +21,7 @@ from test_judge_client import KEY, FakeJudge, check_against_server, env, judge_c
 
 from mrm_jax import cli
 from mrm_jax.errors import UserError
-from mrm_jax.judge import cli as judge_cli
+from mrm_jax.commands import judge as judge_cli
 from mrm_jax.judge.client import ChatClient, RetryableError
 from mrm_jax.judge.jobs import read_items
 

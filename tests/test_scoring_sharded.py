@@ -12,7 +12,7 @@ from PIL import Image
 import model_fixtures as mf
 from mrm_jax import cli
 from mrm_jax.data.records import normalize_scoring
-from mrm_jax.evaluate import score_cli, scoring
+from mrm_jax.evaluate import score_file, scoring
 from mrm_jax.models import load_reward_model
 from mrm_jax.train import sharding as shd
 
@@ -140,10 +140,10 @@ def test_cli_stopped_and_resumed_run_is_byte_identical(world, tmp_path, monkeypa
 
   out = tmp_path / "out.jsonl"
   progress = tmp_path / "out.jsonl.progress"
-  monkeypatch.setenv(score_cli.FAULT_ENV, "2")
+  monkeypatch.setenv(score_file.FAULT_ENV, "2")
   with pytest.raises(RuntimeError, match="stopped after 2 chunks"):
     _score(world, out)
-  monkeypatch.delenv(score_cli.FAULT_ENV)
+  monkeypatch.delenv(score_file.FAULT_ENV)
   assert not out.exists()
   logged = [json.loads(x) for x in progress.read_text().splitlines()]
   assert "settings" in logged[0] and [e["start"] for e in logged[1:]] == [0, 3]
@@ -157,10 +157,10 @@ def test_cli_stopped_and_resumed_run_is_byte_identical(world, tmp_path, monkeypa
   assert calls == ["s1", "p1", "t3", "i4"]
 
   # a log written with other settings is not reused
-  monkeypatch.setenv(score_cli.FAULT_ENV, "1")
+  monkeypatch.setenv(score_file.FAULT_ENV, "1")
   with pytest.raises(RuntimeError):
     _score(world, out, "--max-len", "2048")
-  monkeypatch.delenv(score_cli.FAULT_ENV)
+  monkeypatch.delenv(score_file.FAULT_ENV)
   calls.clear()
   assert _score(world, out) == 0
   assert out.read_bytes() == ref.read_bytes() and len(calls) == UNIQUE

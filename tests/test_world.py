@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mrm_jax.demo import scenes, simjudge
-from mrm_jax.demo.cli import load_demo_config
+from mrm_jax.demo.config import load_demo_config
 from mrm_jax.demo.world import generate_world
 
 SMALL = ["--config.world.size=small", "--config.world.n_candidates=24", "--config.world.n_t2i=12",

@@ -436,16 +436,10 @@ class _Curation:
     process's first local device."""
     import jax
 
-    from mrm_jax.train.checkpoint import has_checkpoint
-    from mrm_jax.train.data import make_processor
-    dtype = self.cc.score.dtype
-    if (Path(path) / "manifest.json").is_file() and has_checkpoint(path):
-      from mrm_jax.train.loop import load_model_from_workdir
-      model, mcfg = load_model_from_workdir(path, dtype=dtype, devices=jax.local_devices()[:1])
-      return model, make_processor(self.cfg, mcfg.model.path or self.model_path)
-    from mrm_jax.evaluate.score_cli import load_model_for_scoring
-    model, _ = load_model_for_scoring(path, dtype, int(self.cfg.data.max_pixels))
-    return model, make_processor(self.cfg, path)
+    from mrm_jax.loading import load_model
+    return load_model(path, dtype=self.cc.score.dtype, devices=jax.local_devices()[:1],
+                      min_pixels=int(self.cfg.data.min_pixels), max_pixels=int(self.cfg.data.max_pixels),
+                      processor_dir=self.model_path)
 
   def score_pairs(self, d: Path, name: str, stage: str, pairs: list[dict], scorer: str,
                   known: dict | None = None) -> tuple[Path, int]:

@@ -157,6 +157,23 @@ def to_llamafactory(pair: dict) -> dict:
   return out
 
 
+def llamafactory_record(pair: dict) -> dict:
+  """A canonical pair as LLaMA-Factory expects it: one `<image>` per image in the prompt.
+
+  Records that already carry placeholders (everything LLaMA-Factory itself wrote) are left
+  exactly as `to_llamafactory` makes them, so LLaMA-Factory → canonical → LLaMA-Factory is the
+  identity; prompts without any (native datasets) get them prepended, as images go first.
+  """
+  rec = to_llamafactory(pair)
+  n = len(rec.get("images") or [])
+  question = rec["conversations"][0]["value"]
+  if n and IMAGE_PLACEHOLDER not in question:
+    rec["conversations"][0]["value"] = IMAGE_PLACEHOLDER * n + question
+  if pair.get("videos") and "videos" not in rec:
+    rec["videos"] = list(pair["videos"])
+  return rec
+
+
 def normalize_pair(record: dict, where: str = "record") -> dict:
   """Any accepted pair record (canonical or LLaMA-Factory) → canonical pair, validated."""
   if is_llamafactory(record):

@@ -54,18 +54,12 @@ def _rel(path, root: Path) -> str:
 
 
 def _load_model(path: str, cfg, world: Path):
-  """(model, processor) of a training workdir (latest checkpoint) or an HF directory, on one device."""
+  """(model, processor) of a training workdir or an HF directory, on one device."""
   import jax
 
-  from mrm_jax.train.checkpoint import has_checkpoint
-  from mrm_jax.train.data import make_processor
-  if (Path(path) / "manifest.json").is_file() and has_checkpoint(path):
-    from mrm_jax.train.loop import load_model_from_workdir
-    model, mcfg = load_model_from_workdir(path, dtype="float32", devices=jax.local_devices()[:1])
-    return model, make_processor(cfg, mcfg.model.path or str(world / "model"))
-  from mrm_jax.evaluate.score_cli import load_model_for_scoring
-  model, _ = load_model_for_scoring(path, "float32", int(cfg.data.max_pixels))
-  return model, make_processor(cfg, path)
+  from mrm_jax.loading import load_model
+  return load_model(path, devices=jax.local_devices()[:1], min_pixels=int(cfg.data.min_pixels),
+                    max_pixels=int(cfg.data.max_pixels), processor_dir=world / "model")
 
 
 def evaluate_heldout(model_path: str, heldout: Path, image_root: Path, out_dir: Path, name: str, cfg, world: Path,
@@ -193,7 +187,7 @@ def run_demo(workdir, *, size: str | None = "full", seed: int | None = None, ove
   `world` and a `curate` section are added when missing), `size` the world size (None: the config's),
   `overrides` `--config.KEY=VALUE` items applied last. `devices` restricts training (tests)."""
   from mrm_jax.curate import loop
-  from mrm_jax.demo.cli import load_demo_config
+  from mrm_jax.demo.config import load_demo_config
   from mrm_jax.demo.world import resolve_counts
 
   t0 = time.time()

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mrm_jax.cli_types import nonnegative_float
+from mrm_jax.construct import pairs as construct_pairs
+from mrm_jax.construct import style
+from mrm_jax.construct.convert import OUTPUT_FORMATS, write_pairs
+from mrm_jax.io import atomic_outputs, check_distinct_paths, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,25 +29,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="downsample so the longer answer is chosen in exactly half of the pairs whose lengths differ")
   p.add_argument("--seed", type=int, default=0, help="seed of the balancing and the probe's folds (default 0)")
   p.add_argument("--report", default=None, help="write the construction and style-bias report here (JSON)")
-  p.add_argument("--format", choices=("canonical", "llamafactory"), default="canonical",
+  p.add_argument("--format", choices=OUTPUT_FORMATS, default="canonical",
                  help="output record format (default canonical)")
   p.add_argument("--reparse", action="store_true",
                  help="recompute scores from each judgment's raw text with the current parser instead of "
                       "trusting the stored scores")
 
 
-def write_pairs(path, pairs: list[dict], fmt: str) -> int:
-  from mrm_jax.io import write_jsonl
-  if fmt == "llamafactory":
-    from mrm_jax.data.convert_cli import llamafactory_record
-    pairs = [llamafactory_record(p) for p in pairs]
-  return write_jsonl(path, pairs)
-
-
 def image_root_hint(input_path, output_path) -> None:
   """Image paths stay relative to the input's folder (a rebased `../` path would fall outside the
   image root and be refused), so say where they resolve when the output lands elsewhere."""
-  from pathlib import Path
   src, dst = Path(input_path).resolve().parent, Path(output_path).resolve().parent
   if src != dst:
     print(f"  note: image paths are relative to {src}; pass it as --image-root / data.image_root "
@@ -58,10 +54,6 @@ def _style_line(name: str, s: dict) -> str:
 
 
 def run(args) -> int:
-  from mrm_jax.construct import pairs as construct_pairs
-  from mrm_jax.construct import style
-  from mrm_jax.io import atomic_outputs, check_distinct_paths, write_json
-
   check_distinct_paths({"--output": args.output, "--report": args.report},
                        {"--candidates": args.candidates, "--judgments": args.judgments})
   pairs, stats = construct_pairs.construct_files(args.candidates, args.judgments, args.min_gap, args.reparse)

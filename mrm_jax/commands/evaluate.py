@@ -7,18 +7,16 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import tempfile
 from pathlib import Path
 
 from mrm_jax.cli_types import positive_int
+from mrm_jax.data.readers import ImageStore
 from mrm_jax.errors import UserError
 from mrm_jax.evaluate import benchmarks, metrics
 from mrm_jax.io import check_distinct_paths, write_json
 
 log = logging.getLogger(__name__)
-
-MAX_NAMED_MISSING = 5
-
 
 def add_arguments(parser) -> None:
   parser.add_argument("--benchmark", required=True, metavar="NAME",
@@ -29,7 +27,7 @@ def add_arguments(parser) -> None:
   source.add_argument("--scores", metavar="SCORES.jsonl",
                       help='one {"chosen": float, "rejected": float} line per benchmark record, same order '
                       '(LLaMA-Factory\'s prediction format); an "id", if present, must match the record')
-  source.add_argument("--model", metavar="DIR", help="score the benchmark with this reward model (HF-format directory)")
+  source.add_argument("--model", metavar="DIR", help="score the benchmark with this reward model (HF-format directory or training workdir)")
   parser.add_argument("--output", metavar="REPORT.json", help="write the report here (fractions in [0, 1])")
   group = parser.add_argument_group("scoring (with --model)")
   group.add_argument("--image-root", metavar="DIR", help="folder the benchmark's image paths are relative to "
@@ -43,64 +41,7 @@ def add_arguments(parser) -> None:
                      "category (default: missing images are an error)")
 
 
-def split_missing(items: list[benchmarks.BenchItem], image_root, skip_missing: bool):
-  """(items to score, skipped items). Missing images are an error naming the first few files,
-  unless `skip_missing`."""
-  present, skipped, missing_files = [], [], []
-  for item in items:
-    missing = benchmarks.missing_media(item, image_root)
-    if missing:
-      skipped.append(item)
-      missing_files += [f"{item.where}: {m}" for m in missing]
-    else:
-      present.append(item)
-  if skipped and not skip_missing:
-    named = "; ".join(missing_files[:MAX_NAMED_MISSING])
-    more = f" (and {len(missing_files) - MAX_NAMED_MISSING} more)" if len(missing_files) > MAX_NAMED_MISSING else ""
-    raise UserError(f"{len(missing_files)} image files missing under {image_root} in {len(skipped)} of {len(items)} "
-                    f"items: {named}{more}; use --skip-missing to evaluate the rest")
-  return present, skipped
-
-
-def skipped_summary(skipped: list[benchmarks.BenchItem]) -> dict:
-  counts = Counter(i.category for i in skipped)
-  return {"n": len(skipped), "categories": dict(sorted(counts.items()))}
-
-
-def score_items(items, image_root, model, processor, batch_size: int) -> list[tuple[float, float]]:
-  """(chosen, rejected) scores per item, through the project's scoring path."""
-  from mrm_jax.evaluate.scoring import score_records
-
-  recs = []
-  for item in items:
-    recs.extend(benchmarks.scoring_records(item, image_root))
-  sides = ("chosen", "rejected")
-  scores = [float(s) for s in score_records(model, processor, recs, image_root, batch_size,
-                                            where=lambda i: f"{items[i // 2].where} ({sides[i % 2]})")]
-  return list(zip(scores[0::2], scores[1::2]))
-
-
-def evaluate_model(name: str, items, model_dir, image_root, batch_size: int = 8, dtype: str = "float32",
-                   skip_missing: bool = False) -> dict:
-  """Scores a benchmark's items with a reward model and returns the report (with a `skipped`
-  entry when items without images were left out)."""
-  from mrm_jax.evaluate.score_cli import load_model_for_scoring
-
-  present, skipped = split_missing(items, image_root, skip_missing)
-  if not present:
-    raise UserError(f"no item of the benchmark has its images under {image_root}")
-  model, processor = load_model_for_scoring(str(model_dir), dtype=dtype)
-  rep = metrics.report(name, present, score_items(present, image_root, model, processor, batch_size))
-  if skipped:
-    rep["skipped"] = skipped_summary(skipped)
-  return rep
-
-
 def run(args) -> int:
-  import tempfile
-
-  from mrm_jax.data.readers import ImageStore
-
   benchmarks.check_name(args.benchmark)
   if args.output:
     check_distinct_paths({"--output": args.output}, {"--data": args.data, "--scores": args.scores})
@@ -123,6 +64,7 @@ def run(args) -> int:
         image_root = Path(args.data).resolve().parent
       if not image_root.is_dir():
         raise UserError(f"{image_root}: image root is not a directory")
+      from mrm_jax.evaluate.model_eval import evaluate_model  # jax only when a model is scored
       rep = evaluate_model(args.benchmark, items, args.model, image_root, args.batch_size, args.dtype,
                            args.skip_missing)
   print(metrics.format_table(args.benchmark, rep))

@@ -39,26 +39,6 @@ def add_arguments(parser):
   parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def load_demo_config(spec: str = "demo", overrides: list[str] | None = None, seed: int | None = None,
-                     size: str | None = None):
-  """The demo config: the config file, a `world` and a `curate` section if it has none, flags, then
-  overrides."""
-  from mrm_jax.config import apply_overrides, load_config_file
-  from mrm_jax.curate.loop import curate_config
-  from mrm_jax.demo.world import world_config
-
-  cfg = load_config_file(spec)
-  if "world" not in cfg:
-    cfg.world = world_config()
-  if "curate" not in cfg:
-    cfg.curate = curate_config()
-  if seed is not None:
-    cfg.seed = seed
-  if size is not None:
-    cfg.world.size = size
-  return apply_overrides(cfg, list(overrides or []))
-
-
 def world_table(stats: dict) -> str:
   j, noisy, held = stats["judgments"], stats["noisy"], stats["heldout"]
   kinds = ", ".join(f"{k} {v}" for k, v in j["kinds"].items() if k != "clean")
@@ -90,6 +70,7 @@ def run(args) -> int:
     run_demo(args.workdir, size=args.size, seed=args.seed, overrides=getattr(args, "overrides", []),
              config=args.config, progress=args.progress)
     return 0
+  from mrm_jax.demo.config import load_demo_config
   from mrm_jax.demo.world import ensure_world
   cfg = load_demo_config(args.config, getattr(args, "overrides", []), args.seed, args.size)
   workdir = check_writable_dir(args.workdir)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from mrm_jax.commands.construct import image_root_hint
+from mrm_jax.construct import t2i
+from mrm_jax.construct.convert import OUTPUT_FORMATS, convert, write_pairs
+from mrm_jax.io import check_distinct_paths
+
 NATIVE = ("pickapic", "hpdv2", "imagereward")
 
 
@@ -18,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "(file or folder of shards) with --from")
   p.add_argument("--output", required=True, help="pair file to write")
   p.add_argument("--seed", type=int, default=42, help="seed of the balanced shuffle (default 42)")
-  p.add_argument("--format", choices=("canonical", "llamafactory"), default="canonical",
+  p.add_argument("--format", choices=OUTPUT_FORMATS, default="canonical",
                  help="output record format (default canonical)")
   p.add_argument("--from", dest="source", choices=("generic",) + NATIVE, default="generic",
                  help="input format: generic T2I JSONL (default), or native Pick-a-Pic v2 / HPDv2 / ImageReward")
@@ -28,14 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-  from mrm_jax.construct import t2i
-  from mrm_jax.construct.cli import image_root_hint, write_pairs
-  from mrm_jax.io import check_distinct_paths
-
   check_distinct_paths({"--output": args.output}, {"--input": args.input})
 
   if args.source in NATIVE:
-    from mrm_jax.data.convert_cli import convert
     n = convert(args.input, args.source, args.output, args.format, args.image_dir, args.seed)
     print(f"t2i: wrote {n} {args.format} pairs from {args.source} -> {args.output}")
     return 0
