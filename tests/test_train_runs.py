@@ -236,3 +236,50 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path):
   assert steps and steps[-1] == good
   losses = train_losses(tmp_path / "nan")
   assert all(np.isfinite(v) for v in losses.values()) and max(losses) == good
+
+
+def test_score_evaluate_and_best_of_n_take_a_training_workdir(reference, world, tmp_path):
+  """`--model WORKDIR` loads the latest checkpoint with the run's processor: the same rewards as
+  the HF directory `mrm-jax export` writes from it."""
+  from mrm_jax.cli import main
+  hf = tmp_path / "hf"
+  assert main(["export", "--checkpoint", str(reference), "--output", str(hf)]) == 0
+  pairs = [json.loads(line) for line in (world / "eval.jsonl").read_text().splitlines()]
+  from mrm_jax.data.records import REWARD_SYSTEM_PROMPT  # what best-of-n shows when a record has none
+  records = [{"id": f"{p['id']}:{side}", "images": p["images"], "question": p["question"], "answer": p[side],
+              "system": REWARD_SYSTEM_PROMPT} for p in pairs for side in ("chosen", "rejected")]
+  (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  cands = [{"id": p["id"], "images": p["images"], "question": p["question"],
+            "responses": [p["rejected"], p["chosen"]]} for p in pairs]
+  (tmp_path / "cands.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cands))
+  got = {}
+  for name, model in (("workdir", reference), ("hf", hf)):
+    out = tmp_path / f"with_{name}"
+    out.mkdir()
+    common = ["--model", str(model)]
+    assert main(["score", *common, "--input", str(tmp_path / "records.jsonl"), "--image-root", str(world),
+                 "--output", str(out / "scores.jsonl")]) == 0
+    assert main(["evaluate", "--benchmark", "pairs", "--data", str(world / "eval.jsonl"), *common,
+                 "--output", str(out / "report.json")]) == 0
+    assert main(["best-of-n", *common, "--input", str(tmp_path / "cands.jsonl"), "--image-root", str(world),
+                 "--output", str(out / "best.jsonl")]) == 0
+    got[name] = {
+        "scores": [json.loads(x)["score"] for x in (out / "scores.jsonl").read_text().splitlines()],
+        "accuracy": json.loads((out / "report.json").read_text())["accuracy"],
+        "best": [json.loads(x)["scores"] for x in (out / "best.jsonl").read_text().splitlines()]}
+  assert len(got["workdir"]["scores"]) == 2 * len(pairs)
+  np.testing.assert_allclose(got["workdir"]["scores"], got["hf"]["scores"], atol=1e-5)
+  np.testing.assert_allclose(got["workdir"]["best"], got["hf"]["best"], atol=1e-5)
+  assert got["workdir"]["accuracy"] == got["hf"]["accuracy"]
+  # and the scores of one pair are the best-of-n scores of its two responses
+  np.testing.assert_allclose(got["workdir"]["best"][0], got["workdir"]["scores"][1::-1], atol=1e-5)
+
+
+def test_a_workdir_without_checkpoints_is_named(tmp_path, capsys):
+  from mrm_jax.cli import main
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "manifest.json").write_text(json.dumps({"config": {}}))
+  (tmp_path / "r.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+  assert main(["score", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "r.jsonl"),
+               "--output", str(tmp_path / "o.jsonl")]) == 2
+  assert "a training workdir without a checkpoint yet" in capsys.readouterr().err
