@@ -134,10 +134,6 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     yield lineno, record
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  return [r for _, r in iter_jsonl(path)]
-
-
 def _iter_json_list(path: Path) -> Iterator[tuple[int, dict]]:
   """The objects of a file holding one JSON list, item by item. As for every record of a JSON list,
   `file:N` in an error means item N (a release may hold its whole list on one line); the text line

@@ -8,6 +8,7 @@ import argparse
 from mrm_jax.construct.convert import FORMATS, OUTPUT_FORMATS, convert
 from mrm_jax.io import check_distinct_paths
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--input", required=True, help="the native dataset: a file, or a folder of its shards")
   parser.add_argument("--from", dest="fmt", required=True, choices=FORMATS, help="the input's native format")

@@ -52,6 +52,7 @@ def run(args) -> int:
   from mrm_jax import distributed
   distributed.initialize(args)
   import jax
+
   from mrm_jax.demo.training import use_embedded_world, wants_embedded_world
   if wants_embedded_world(cfg, args.init_from):
     cfg = use_embedded_world(cfg, args.workdir, primary=jax.process_index() == 0)

@@ -37,7 +37,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from mrm_jax.data.records import normalize_pair, resolve_image
 from mrm_jax.errors import UserError, at
+from mrm_jax.io import is_json_list, read_json_or_jsonl, scan_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,6 @@ def load_entries(path: str | os.PathLike, image_root: str | os.PathLike | None =
   cannot be partially read: a broken one is a UserError. The image root defaults to the
   file's folder (DESIGN §3.2).
   """
-  from mrm_jax.io import is_json_list, read_json_or_jsonl, scan_jsonl
   path = Path(path)
   if not path.is_file():
     raise UserError(f"{path}: no such file")
@@ -77,7 +78,6 @@ def load_entries(path: str | os.PathLike, image_root: str | os.PathLike | None =
 
 def check_pair(entry: Entry) -> tuple[dict, list[Path]]:
   """Validates an entry → (canonical pair, resolved image paths); UserError names file:line."""
-  from mrm_jax.data.records import normalize_pair, resolve_image
   if entry.error is not None:
     raise UserError(f"{entry.where}: {entry.error}")
   pair = normalize_pair(entry.record, entry.where)
@@ -99,7 +99,6 @@ _FRAME_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 def _frames(video, entry: Entry) -> list[str]:
   """A video as the processor takes it (a list of frame paths): a folder of frames (MM-RLHF's
   layout) becomes its image files in sorted order, relative to the image root."""
-  from mrm_jax.data.records import resolve_image
   if isinstance(video, list):
     return video
   folder = resolve_image(str(video), entry.image_root, entry.where)

@@ -27,7 +27,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mrm_jax.data.records import describe_types, is_finite_number
+import pyarrow.parquet as pq
+
+from mrm_jax.data.records import describe_types, is_finite_number, normalize_pair
 from mrm_jax.errors import UserError, at
 from mrm_jax.io import json_type, non_finite_path, read_json_or_jsonl
 
@@ -107,7 +109,6 @@ def _files(path: str | os.PathLike, exts: tuple[str, ...]) -> list[Path]:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[Where, dict]]:
-  import pyarrow.parquet as pq
   try:
     pf = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises several unrelated types for a broken file
@@ -199,7 +200,6 @@ def _row_id(rec: dict, where: Where, keys=("id", "idx", "ID")) -> str:
 
 def read_canonical(path, images: ImageStore | None = None) -> Iterator[tuple[Where, dict]]:
   """Canonical pair files, or LLaMA-Factory files (JSON list or JSONL): both are accepted."""
-  from mrm_jax.data.records import normalize_pair
   for where, rec in iter_rows(path, (".jsonl", ".json")):
     yield where, normalize_pair(rec, where)
 

@@ -33,6 +33,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mrm_jax.data import readers
+from mrm_jax.data.pipeline import Entry
+from mrm_jax.data.records import normalize_pair, resolve_image
 from mrm_jax.errors import UserError
 
 
@@ -44,7 +46,6 @@ class PairsConfig(tfds.core.BuilderConfig):
 
 
 def _is_pair_file(path: Path) -> bool:
-  from mrm_jax.data.records import normalize_pair
   try:
     _, first = next(iter(readers.iter_rows(path, (".jsonl", ".json"))))
     normalize_pair(first)
@@ -100,7 +101,6 @@ class MrmPairs(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(f, manual) for split, f in files.items()}
 
   def _generate_examples(self, path: Path, root: Path):
-    from mrm_jax.data.records import resolve_image
     with tempfile.TemporaryDirectory(prefix="mrm-tfds-") as scratch:
       store = readers.ImageStore(scratch, relative_to=scratch)
       for where, pair in readers.read(path, self.builder_config.fmt, store):
@@ -133,7 +133,6 @@ def example_to_pair(ex: dict) -> dict:
 def entries_from_tfds(name: str, split: str, data_dir: str | None, cache_dir: str | Path):
   """A prepared TFDS split → pipeline `Entry`s; images are written to `cache_dir` under
   content-hashed names and the entries point at them (image root = cache_dir)."""
-  from mrm_jax.data.pipeline import Entry
   ds = tfds.load(name, split=split, data_dir=data_dir, download=False, shuffle_files=False)
   cache_dir = Path(cache_dir)
   store = readers.ImageStore(cache_dir, relative_to=cache_dir)

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from mrm_jax.data import records
+from mrm_jax.data import readers, records
 from mrm_jax.errors import UserError
 
 BENCHMARKS = ("vl_rewardbench", "multimodal_rewardbench", "mm_rlhf_rewardbench", "pairs")
@@ -96,7 +96,6 @@ def load(name: str, path: str | os.PathLike, images=None) -> list[BenchItem]:
   items, in file order. `images` (a `readers.ImageStore`) receives embedded image bytes (the
   Hugging Face parquet releases). The three benchmarks are scored with the reward-model system
   prompt; `pairs` files keep their own."""
-  from mrm_jax.data import readers
 
   check_name(name)
   if name == "pairs":

@@ -23,9 +23,19 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from mrm_jax.data.records import normalize_scoring
+from mrm_jax.io import iter_jsonl
+from mrm_jax.models.processor import Encoded
+from mrm_jax.train import sharding as shd
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +66,7 @@ def scoring_mesh(mesh=None, devices=None):
   this process's local devices)."""
   if mesh is not None:
     return mesh
-  import jax
 
-  from mrm_jax.train import sharding as shd
   return shd.make_mesh({"data": -1}, jax.local_devices() if devices is None else devices)
 
 
@@ -102,8 +110,6 @@ def iter_score_chunks(model, processor, records: Sequence[dict], image_root, bat
   updated in place) holds scores of earlier records, so a run resumed at a chunk boundary with the
   scores logged so far computes exactly what the uninterrupted run computed.
   """
-  import jax
-  from tqdm import tqdm
 
   where = where or (lambda i: f"record {i + 1}")
   mesh = scoring_mesh(mesh, devices)
@@ -142,11 +148,7 @@ class _Runner:
   """Parameters placed on the mesh and the jitted, vmapped forward over per-shard sub-batches."""
 
   def __init__(self, model, mesh):
-    import jax
-    from flax import nnx
-    from jax.sharding import NamedSharding
 
-    from mrm_jax.train import sharding as shd
     self.mesh = mesh
     self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
     graphdef, state = nnx.split(model)
@@ -158,7 +160,6 @@ class _Runner:
     self.local = sorted({j for idx in index_map.values() for j in range(self.shards)[idx[0]]})
 
   def __call__(self, processor, exs: list, per_shard: int, seq_bucket: int, patch_bucket: int) -> np.ndarray:
-    import jax
     unit = processor.config.merge_size ** 2
     subs = [exs[j * per_shard:(j + 1) * per_shard] for j in range(self.shards)]
     seq = _bucket(max(e.length for e in exs), seq_bucket)
@@ -183,7 +184,6 @@ class _Runner:
 
 def _empty_like(processor, example):
   """A one-token filler row (no vision) used to pad a batch to its static size."""
-  from mrm_jax.models.processor import Encoded
   dim = processor.config.vision.patch_dim
   return Encoded(np.asarray([processor.pad_id], np.int32), np.zeros((3, 1), np.int32), np.zeros((0, dim), np.float32),
                  np.zeros((0, 3), np.int32), {k: v[:0] for k, v in example.patch_arrays.items()})
@@ -213,7 +213,6 @@ def score_file_records(model, processor, path, image_root=None, batch_size: int 
                        progress: bool = True, **kwargs) -> tuple[list[dict], list[float]]:
   """Reads a scoring JSONL file (records validated, errors name file:line) and scores it; returns the
   records as read (unmodified) and their scores. `kwargs` go to `score_records` (mesh, devices, ...)."""
-  from pathlib import Path
 
   path = Path(path)
   raw, records, lines = read_scoring_file(path)
@@ -225,10 +224,7 @@ def score_file_records(model, processor, path, image_root=None, batch_size: int 
 
 def read_scoring_file(path) -> tuple[list[dict], list[dict], list[int]]:
   """(records as read, normalised scoring records, line numbers) of a scoring JSONL file."""
-  from pathlib import Path
 
-  from mrm_jax.data.records import normalize_scoring
-  from mrm_jax.io import iter_jsonl
   path = Path(path)
   raw, records, lines = [], [], []
   for lineno, rec in iter_jsonl(path):

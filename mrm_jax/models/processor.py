@@ -25,11 +25,14 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
 import numpy as np
+import transformers
+from PIL import Image, UnidentifiedImageError
 
 from mrm_jax.data.records import IMAGE_PLACEHOLDER, resolve_image
 from mrm_jax.errors import UserError
@@ -61,7 +64,6 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 
 def to_rgb(image):
   """PIL image → RGB the way transformers does it (transparent pixels composited on white)."""
-  from PIL import Image
   if "A" in image.getbands() or image.info.get("transparency") is not None:
     image = image.convert("RGBA")
     background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -75,9 +77,7 @@ def _refuse_decompression_bombs() -> None:
   a warning printed among the output. A process-wide filter, checked on each call because
   `warnings.catch_warnings` blocks (pytest's, a caller's) drop it on exit; `catch_warnings` around each
   open would be simpler but is not thread-safe, and images are decoded in tf.data's threads."""
-  import warnings
 
-  from PIL import Image
   bomb = Image.DecompressionBombWarning
   if not any(f[0] == "error" and f[2] is bomb for f in warnings.filters):
     warnings.filterwarnings("error", category=bomb)
@@ -86,7 +86,6 @@ def _refuse_decompression_bombs() -> None:
 def load_image(path: str | os.PathLike, where: str = "record", name: str | None = None):
   """An RGB PIL image; a missing, undecodable or too large file is a UserError naming the record and
   the path as given."""
-  from PIL import Image, UnidentifiedImageError
   _refuse_decompression_bombs()
   shown = f"'{name}' ({path})" if name is not None and str(name) != str(path) else f"'{path}'"
   try:
@@ -103,7 +102,6 @@ def load_image(path: str | os.PathLike, where: str = "record", name: str | None 
 
 def normalize_frames(frames: Sequence, height: int, width: int, settings: dict) -> np.ndarray:
   """RGB PIL frames → resized, rescaled, normalised float32 `[F, C, H, W]`."""
-  from PIL import Image
   mean = np.asarray(settings["image_mean"], dtype=np.float32)
   std = np.asarray(settings["image_std"], dtype=np.float32)
   scale = settings.get("rescale_factor", 1 / 255)
@@ -243,7 +241,6 @@ class Processor:
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
       raise UserError(f"{path}: no tokenizer (tokenizer.json or vocab.json + merges.txt)")
-    import transformers
     tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not getattr(tok, "chat_template", None):
       for name in ("chat_template.jinja", "chat_template.json"):

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 
+from mrm_jax.distributed import barrier
 from mrm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,6 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def _ocp():
-  import orbax.checkpoint as ocp
   return ocp
 
 
@@ -113,7 +114,6 @@ class Checkpointer:
       if jax.process_index() == 0:
         self.step_dir(step).rename(target)
       moved[step] = target
-    from mrm_jax.distributed import barrier
     barrier("checkpoint: unreadable steps set aside")
     self.manager.reload()
     return moved
@@ -163,11 +163,6 @@ def _short(e: Exception, limit: int = 300) -> str:
   """An exception as one short line (tensorstore's messages span lines and can be very long)."""
   text = " ".join(f"{type(e).__name__}: {e}".split())
   return text if len(text) <= limit else text[:limit] + "..."
-
-
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs with the given shardings (the restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def has_checkpoint(workdir: str | Path) -> bool:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from mrm_jax.data import pipeline as pl
+from mrm_jax.data.records import pair_to_scoring
 from mrm_jax.errors import UserError
+from mrm_jax.models import hf_io
+from mrm_jax.models.processor import Processor
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +36,12 @@ def make_processor(cfg, model_path: str | None):
   if not model_path:
     raise UserError("training data needs the model's tokenizer: set model.path (or --init_from) to an HF "
                     "directory holding config.json and the tokenizer files")
-  from mrm_jax.models import hf_io
-  from mrm_jax.models.processor import Processor
   fam, mcfg = hf_io.family_and_config(model_path)
   return Processor.from_pretrained(model_path, fam, mcfg, min_pixels=cfg.data.min_pixels,
                                    max_pixels=cfg.data.max_pixels)
 
 
 def _entries(cfg, spec: str):
-  from mrm_jax.data import pipeline as pl
   files = data_files(spec)
   if not files:
     raise UserError("no training data: set data.train (pair file(s), comma-separated)")
@@ -65,7 +65,6 @@ class TrainData:
   """The train pipeline plus what the loop needs to know about it."""
 
   def __init__(self, cfg, processor):
-    from mrm_jax.data import pipeline as pl
     self.entries = _entries(cfg, cfg.data.train)
     micro = cfg.train.batch_size // max(1, cfg.train.grad_accum)
     self.micro_batch = micro
@@ -95,8 +94,6 @@ class TrainData:
 def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
   """Every good pair of `data.eval` once, in file order, in batches of `train.batch_size` pairs
   (rounded to the static shapes of `seq_lens` / patch budgets) with a `pair_mask`."""
-  from mrm_jax.data import pipeline as pl
-  from mrm_jax.data.records import pair_to_scoring
   entries = _entries(cfg, spec or cfg.data.eval)
   max_len = seq_lens(cfg)[-1]
   bsz = max(1, cfg.train.batch_size // max(1, cfg.train.grad_accum))
@@ -158,8 +155,3 @@ def default_data_factory(cfg, split: str, model_path: str | None):
   if split == "train":
     return TrainData(cfg, processor)
   return eval_batches(cfg, processor)
-
-
-def processor_path(cfg, init_from: str | None) -> str | None:
-  p = init_from or cfg.model.path
-  return str(Path(p)) if p else None

@@ -21,10 +21,22 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import jax
+import ml_collections
 import numpy as np
+import optax
+from flax import nnx
 
 from mrm_jax.errors import UserError
-from mrm_jax.io import check_writable_dir
+from mrm_jax.io import check_writable_dir, read_json_object
+from mrm_jax.models import create_reward_model, get_family, hf_io, load_reward_model
+from mrm_jax.train import metrics as mx
+from mrm_jax.train import sharding as shd
+from mrm_jax.train.checkpoint import Checkpointer
+from mrm_jax.train.data import default_data_factory, pad_to_common_shape
+from mrm_jax.train.manifest import build_manifest, write_manifest
+from mrm_jax.train.optimizer import make_optimizer
+from mrm_jax.train.step import Trainer, is_vision_path, split_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +56,6 @@ class ModelSpec:
   of `path`, and both agree on structure, so `nnx.eval_shape(create)` is the restore target."""
 
   def __init__(self, cfg, init_from: str | None = None):
-    from mrm_jax.models import get_family
     self.cfg = cfg
     self.path = init_from or cfg.model.path or ""
     self.kw = dict(dtype=cfg.model.dtype, param_dtype="float32", attention=_attention(cfg),
@@ -65,20 +76,16 @@ class ModelSpec:
     """An HF directory may hold only config + tokenizer (the demo world's): then weights are random."""
     if not self.path:
       return False
-    from mrm_jax.models import hf_io
     try:
       return bool(hf_io.weight_files(Path(self.path)))
     except UserError:
       return False
 
   def create(self, seed: int):
-    from flax import nnx
 
-    from mrm_jax.models import create_reward_model
     return create_reward_model(self.family, self.model_config, nnx.Rngs(seed), **self.kw)
 
   def load(self):
-    from mrm_jax.models import load_reward_model
     model, _ = load_reward_model(self.path, **self.kw)
     return model
 
@@ -87,10 +94,7 @@ class ModelSpec:
 
 
 def _state_shardings(trainer_tx, params, frozen, rest, mesh):
-  import jax
-  import optax
 
-  from mrm_jax.train import sharding as shd
   ps = shd.state_shardings(params, mesh)
   repl = shd.replicated(mesh)
   opt_abstract = jax.eval_shape(trainer_tx.init, params)
@@ -105,12 +109,7 @@ class Setup:
 
   def __init__(self, cfg, *, num_steps: int, model_factory: Callable | None = None, init_from: str | None = None,
                devices=None):
-    import jax
-    from flax import nnx
 
-    from mrm_jax.train import sharding as shd
-    from mrm_jax.train.optimizer import make_optimizer
-    from mrm_jax.train.step import Trainer, split_model
     self.cfg = cfg
     self.mesh = shd.make_mesh(cfg.mesh, devices)
     self.spec = None if model_factory else ModelSpec(cfg, init_from)
@@ -134,9 +133,7 @@ class Setup:
     """Step-0 state: random init (built directly sharded, never whole on one device) or the
     weights of `from_model` (an HF load) placed onto the mesh."""
     jax = self._jax
-    from flax import nnx
 
-    from mrm_jax.train.step import split_model
     seed = int(self.cfg.seed)
     sh = self.shardings
     freeze = bool(self.cfg.model.freeze_vision)
@@ -152,7 +149,6 @@ class Setup:
     return self.trainer.init_state(p, f, r, seed)
 
   def model_from_state(self, state):
-    from flax import nnx
     return nnx.merge(self.graphdef, state["params"], state["frozen"], state["rest"])
 
 
@@ -160,7 +156,6 @@ class Setup:
 
 
 def _stack_micro(batches: list[dict]) -> dict:
-  from mrm_jax.train.data import pad_to_common_shape
   batches = pad_to_common_shape(batches)
   return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
@@ -169,15 +164,12 @@ def _stack_micro(batches: list[dict]) -> dict:
 
 
 def _to_float(tree) -> dict:
-  import jax
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
 def _model_flops_spec(setup: Setup, state) -> dict:
   """Parameter counts and attention dims for MFU (see metrics.step_flops)."""
-  from flax import nnx
 
-  from mrm_jax.train.step import is_vision_path
   counts = {"lm": 0, "vis": 0}
   model_state = nnx.state(setup.abstract_model, nnx.Param)
   for path, v in nnx.to_flat_state(model_state):
@@ -205,7 +197,6 @@ def _model_flops_spec(setup: Setup, state) -> dict:
 
 def evaluate(setup: Setup, state, batches) -> dict:
   """Mean loss / accuracy / margin over every real pair of `batches` (a finite iterable)."""
-  from mrm_jax.train import sharding as shd
   total: dict[str, float] = {}
   for batch in batches:
     out = _to_float(setup.trainer.eval_step(state, shd.put_batch(batch, setup.mesh)))
@@ -225,19 +216,13 @@ def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None, mode
   configured model / input pipeline (tests, custom models); `split` is "train" or "eval".
   `devices` restricts the mesh to some of the devices (default: all).
   """
-  import jax
 
-  from mrm_jax.train import metrics as mx
-  from mrm_jax.train import sharding as shd
-  from mrm_jax.train.checkpoint import Checkpointer
-  from mrm_jax.train.manifest import build_manifest, write_manifest
 
   t_start = time.time()
   workdir = check_writable_dir(workdir)
   tc = cfg.train
   if tc.batch_size % max(1, tc.grad_accum):
     raise UserError(f"train.batch_size {tc.batch_size} is not divisible by train.grad_accum {tc.grad_accum}")
-  from mrm_jax.train.data import default_data_factory
   data_factory = data_factory or default_data_factory
   model_path = init_from or cfg.model.path or None
   train_data = data_factory(cfg, "train", model_path)
@@ -388,10 +373,7 @@ def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None,
   the config in its manifest; for `mrm-jax export` / `score`. The processor comes from `cfg.model.path`
   (or the run's `init_from`) when the run started from an HF directory. `devices` restricts the mesh the
   parameters are restored onto (default: all devices; `curate run` scores on one local device)."""
-  import ml_collections
 
-  from mrm_jax.io import read_json_object
-  from mrm_jax.train.checkpoint import Checkpointer
   workdir = Path(workdir)
   man_path = workdir / "manifest.json"
   if not man_path.is_file():

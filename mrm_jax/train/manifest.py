@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
+from mrm_jax.config import config_to_dict
 from mrm_jax.io import write_json
 
 PACKAGES = ("mrm-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "transformers",
@@ -63,8 +66,6 @@ def data_fingerprints(*specs: str) -> dict[str, str]:
 
 
 def build_manifest(cfg, *, workdir, mesh, extra: dict | None = None) -> dict:
-  import jax
-  from mrm_jax.config import config_to_dict
   return {
       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
       "command": sys.argv,

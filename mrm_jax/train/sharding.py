@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mrm_jax.errors import UserError
@@ -101,7 +102,6 @@ def state_shardings(state, mesh: Mesh):
 
   Returns a pytree with the same structure as `state` whose leaves are `NamedSharding`s.
   """
-  from flax import nnx
 
   def one(v):
     if isinstance(v, nnx.Variable):

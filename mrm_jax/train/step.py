@@ -18,6 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from mrm_jax.train import sharding as shd
 from mrm_jax.train.loss import pair_loss
@@ -35,7 +36,6 @@ def is_vision_path(path) -> bool:
 
 
 def trainable_filter(freeze_vision: bool) -> Callable:
-  from flax import nnx
 
   def f(path, value):
     return isinstance(value, nnx.Param) and not (freeze_vision and is_vision_path(path))
@@ -45,12 +45,7 @@ def trainable_filter(freeze_vision: bool) -> Callable:
 
 def split_model(model, freeze_vision: bool):
   """(graphdef, params, frozen, rest) — see the module docstring."""
-  from flax import nnx
   return nnx.split(model, trainable_filter(freeze_vision), nnx.Param, ...)
-
-
-def count_params(tree) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
 def new_state(tx: optax.GradientTransformation, params, frozen, rest, seed: int) -> dict:
@@ -92,7 +87,6 @@ class Trainer:
 
   # -- steps -----------------------------------------------------------------------------------
   def _rewards(self, params, frozen, rest, batch):
-    from flax import nnx
     model = nnx.merge(self.graphdef, params, frozen, rest)
     return model(batch).astype(jnp.float32)
 
