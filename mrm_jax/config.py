@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from mrm_jax.errors import UserError
 
@@ -128,41 +128,19 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _parse_value(key: str, text: str, current):
-  if isinstance(current, bool):
-    if text.lower() in ("1", "true", "yes", "on"):
-      return True
-    if text.lower() in ("0", "false", "no", "off"):
-      return False
-    raise UserError(f"--config.{key}: expected true/false, got '{text}'")
-  if isinstance(current, int):
-    try:
-      return int(text)
-    except ValueError:
-      raise UserError(f"--config.{key}: expected an integer, got '{text}'") from None
-  if isinstance(current, float):
-    try:
-      return float(text)
-    except ValueError:
-      raise UserError(f"--config.{key}: expected a number, got '{text}'") from None
-  if isinstance(current, (tuple, list)):
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not isinstance(value, (tuple, list)):
-      value = (value,)
-    return type(current)(value)
-  return text
+# What an override of a key holding a value of this type must look like (ml_collections' rules).
+_EXPECTED = {bool: "true or false (or 1/0)", int: "an integer", float: "a number",
+             tuple: "a tuple such as (1, 2) or 1,2"}
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-  """Applies `--config.a.b=value` (or `--config.a.b value`) overrides; unknown keys are errors."""
+def _override_items(overrides: list[str]) -> list[tuple[str, str]]:
+  """`--config.KEY=VALUE` and `--config.KEY VALUE` tokens → (KEY, VALUE) pairs."""
   items: list[tuple[str, str]] = []
   it = iter(overrides)
   for token in it:
     if not token.startswith("--config."):
-      raise UserError(f"unrecognized argument '{token}' (config overrides look like --config.KEY=VALUE)")
+      raise UserError(f"unrecognized argument '{token}' "
+                      "(config overrides look like --config.KEY=VALUE)")
     body = token[len("--config."):]
     if "=" in body:
       key, value = body.split("=", 1)
@@ -171,17 +149,41 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_
       if value is None:
         raise UserError(f"--config.{key}: missing value")
     items.append((key, value))
-  for key, value in items:
-    parts = key.split(".")
-    node = cfg
-    for i, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-        where = ".".join(parts[:i]) or "top level"
-        raise UserError(f"unknown config key '{key}'" + (f" (known at {where}: {known})" if known else ""))
-      if i < len(parts) - 1:
-        node = node[part]
-    node[parts[-1]] = _parse_value(key, value, node[parts[-1]])
+  return items
+
+
+def _current_value(cfg: ml_collections.ConfigDict, key: str):
+  """The value at dotted `key`; a UserError listing the known keys where the path goes astray
+  (ml_collections' own error names only the last part)."""
+  parts = key.split(".")
+  node = cfg
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+      where = ".".join(parts[:i]) or "top level"
+      hint = f" (known at {where}: {known})" if known else ""
+      raise UserError(f"unknown config key '{key}'{hint}")
+    node = node[part]
+  return node
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict,
+                    overrides: list[str]) -> ml_collections.ConfigDict:
+  """Applies `--config.a.b=value` (or `--config.a.b value`) overrides in order, each parsed by
+  ml_collections' config flags as `--config.a.b=value` would be (so an integer key refuses 2.5, a
+  boolean takes true/false/1/0, a tuple `(1, 2)` or `1,2`); unknown keys are errors."""
+  for key, value in _override_items(overrides):
+    current = _current_value(cfg, key)
+    argv = ["mrm-jax", f"--config.{key}={value}"]
+    flag_values = flags.FlagValues()  # private: nothing reaches absl's global FLAGS
+    config_flags.DEFINE_config_dict("config", cfg, flag_values=flag_values, lock_config=False,
+                                    sys_argv=argv)
+    try:
+      flag_values(argv)
+    except flags.Error as e:
+      expected = _EXPECTED.get(type(current))
+      problem = f"expected {expected}, got '{value}'" if expected else str(e).split(": ", 1)[-1]
+      raise UserError(f"--config.{key}: {problem}") from None
   return cfg
 
 
@@ -266,7 +268,3 @@ def validate_config(cfg, source: str = "config") -> None:
 
 def config_to_dict(cfg) -> dict:
   return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
-def env_flag(name: str) -> bool:
-  return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -8,6 +8,13 @@
    `SLURM_PROCID` / `SLURM_NTASKS`;
 3. TPU pods (`TPU_WORKER_HOSTNAMES` lists several workers, or `MEGASCALE_*`): JAX's own detection;
 and is a no-op for a single process. On CPU, cross-process collectives use gloo.
+
+SLURM is detected here, not by JAX: JAX's SLURM detection also pins each process to one GPU
+(`local_device_ids = [SLURM_LOCALID]`), which would leave 7 of 8 GPUs idle in
+launch/slurm_gpu.sbatch's default one-process-per-node mode, and it needs `SLURM_STEP_NODELIST`
+(set by srun only). For the same reason, when the settings are ours (flags or SLURM), JAX's
+detection is switched off (`cluster_detection_method="deactivate"`): every process keeps the
+devices it was given (`JAX_LOCAL_DEVICE_IDS` still restricts them).
 """
 
 from __future__ import annotations
@@ -105,7 +112,10 @@ def initialize(args=None) -> dict | None:
   if _backend_is_cpu():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   log.info("jax.distributed.initialize(%s)", ", ".join(f"{k}={v}" for k, v in settings.items()) or "auto")
-  jax.distributed.initialize(**settings)
+  if settings:  # ours, whole: JAX's detection would only add a device restriction (see above)
+    jax.distributed.initialize(**settings, cluster_detection_method="deactivate")
+  else:
+    jax.distributed.initialize()
   _initialized = True
   return settings
 

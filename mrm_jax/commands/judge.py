@@ -39,9 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--timeout", type=positive_float, default=120.0, metavar="T",
                  help="seconds a whole request may take, connect to last byte (default 120)")
   p.add_argument("--backoff", type=nonnegative_float, default=1.0,
-                 help="first retry delay in seconds, doubled per attempt (default 1; Retry-After wins)")
+                 help="first delay before retrying an unusable answer, doubled per attempt (default 1); "
+                 "HTTP errors, 429 and timeouts are retried by the openai SDK (0.5 s doubling to 8 s, "
+                 "Retry-After honoured)")
   p.add_argument("--max-backoff", type=nonnegative_float, default=60.0,
-                 help="cap on the retry delay (default 60)")
+                 help="cap on the delay before retrying an unusable answer (default 60)")
   p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the input's folder)")
   p.add_argument("--seed", type=int, default=0, help="seed of the presentation orders (default 0)")
   p.add_argument("--temperature", type=nonnegative_float, default=0.0,

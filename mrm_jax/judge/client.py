@@ -1,21 +1,24 @@
-"""An OpenAI-compatible `/chat/completions` judge client on the standard library only.
+"""An OpenAI-compatible `/chat/completions` judge client on the `openai` SDK.
 
-Works with vLLM, SGLang and hosted APIs. Transient failures (429, 5xx, timeouts, dropped
-connections) and unusable answers (unparsable, wrong number of scores) are retried with
-exponential backoff, honouring `Retry-After`. After R retries the two kinds part ways:
-- the judge answered, but not usably: that is a judgment, recorded with its `error` (DESIGN §7.2:
-  never dropped silently), and done on resume (`--retry-failed` redoes it);
-- the judge was never heard (connection refused or reset, timeout, HTML or garbage instead of a
-  chat completion, 5xx): nothing is recorded for the job, it is counted in the run's summary and
-  asked again by the next run. A run in which no job got an answer stops early (the server is
-  not there) and the command exits 1.
+Works with vLLM, SGLang and hosted APIs. The SDK carries the requests: connection reuse, retries
+of 408/409/429/5xx answers, dropped connections and timeouts with exponential backoff, honouring
+`Retry-After` (up to two minutes; its backoff starts at 0.5 s and doubles to 8 s). What is ours:
+- unusable answers (unparsable, wrong number of scores, a 200 that is no chat completion) are
+  retried here, with `RetryPolicy`'s backoff. One budget of `max_retries` covers both kinds of
+  retry: what the SDK spent on a call is not given again.
+- after the retries the two kinds of failure part ways: the judge answered, but not usably: that
+  is a judgment, recorded with its `error` (DESIGN §7.2: never dropped silently), and done on
+  resume (`--retry-failed` redoes it); the judge was never heard (connection refused or reset,
+  timeout, HTML or garbage instead of a chat completion, 5xx): nothing is recorded for the job,
+  it is counted in the run's summary and asked again by the next run. A run in which no job got
+  an answer stops early (the server is not there) and the command exits 1.
+- `timeout` bounds each whole HTTP attempt (connect, send, headers, body): the SDK's timeouts
+  apply to each socket operation, so a server trickling a byte a second would never trip them.
+  The connection pool's sockets are wrapped so every operation gets only what is left of it.
 Each finished judgment is appended and fsynced at once (`mrm_jax.io.AppendLog`), so a killed run
 resumes with only the missing jobs.
 
-`timeout` bounds a whole request (connect, send, headers, body): urllib's own timeout applies to
-each socket operation, so a server trickling a byte a second would never trip it.
-
-The API key lives only in the request header: it is never logged, never written, and is
+The API key lives only in the SDK's request header: it is never logged, never written, and is
 scrubbed from any server text (error bodies, answers) that gets recorded.
 """
 
@@ -24,17 +27,18 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import email.utils
-import http.client
 import json
 import logging
 import math
 import random
-import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
+
+import httpcore2
+import httpx2
+import openai
 
 from mrm_jax.errors import UserError
 from mrm_jax.judge import prompts
@@ -48,6 +52,9 @@ RETRYABLE_STATUS = {408, 409, 425, 429}
 FATAL_STATUS = {401, 403, 404}  # wrong key / URL / model: every request would fail the same way
 MAX_RETRY_AFTER = 600.0
 MAX_BODY = 32 << 20  # bytes: a chat completion is far smaller; anything bigger is not one
+WRITE_CHUNK = 64 << 10  # request bodies go in pieces, each bounded by what is left of the timeout
+# vLLM's convention for "no key": the SDK insists on one, and a server without keys ignores it.
+NO_KEY = "EMPTY"
 
 
 class RetryableError(Exception):
@@ -66,6 +73,11 @@ class FatalError(UserError):
 
 class NotReached(Exception):
   """A job whose every attempt failed before the judge answered (RetryableError): no judgment."""
+
+
+class _Stopped(openai.OpenAIError):
+  """Raised before an HTTP attempt once the run stops (the SDK passes its own errors on as they
+  are, without retrying)."""
 
 
 # A run stops once this many jobs (or `concurrency`, if more) failed that way while none had been
@@ -90,84 +102,76 @@ def parse_retry_after(value: str | None) -> float | None:
   return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-class _Deadline:
-  """Ends a request `seconds` after it starts, whatever it is doing: when the time is up, the
-  request's sockets are shut down, which wakes a read (or send) blocked on the server."""
-
-  def __init__(self, seconds: float):
-    self.expired = False
-    self._lock = threading.Lock()
-    self._sockets: list[socket.socket] = []
-    self._timer = threading.Timer(seconds, self._expire)
-    self._timer.daemon = True
-
-  def __enter__(self):
-    self._timer.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._timer.cancel()
-
-  def _expire(self) -> None:
-    with self._lock:
-      self.expired = True
-      sockets = list(self._sockets)
-    for sock in sockets:
-      _shutdown(sock)
-
-  def watch(self, sock: socket.socket) -> socket.socket:
-    with self._lock:
-      self._sockets.append(sock)
-      expired = self.expired
-    if expired:
-      _shutdown(sock)
-    return sock
-
-  def connection_factory(self, http_class):
-    """`http_class` whose sockets are watched: the plain one while connecting (to the server or a
-    proxy), then the connected one (under TLS a new object: wrapping detaches the plain socket)."""
-    def make(*args, **kwargs):
-      conn = http_class(*args, **kwargs)
-      create, connect = conn._create_connection, conn.connect  # noqa: SLF001 - http.client's socket hook
-
-      def connect_watched():
-        connect()
-        self.watch(conn.sock)
-
-      conn._create_connection = lambda *a, **kw: self.watch(create(*a, **kw))  # noqa: SLF001
-      conn.connect = connect_watched
-      return conn
-    return make
+class _Attempt(threading.local):
+  """The HTTP attempt this thread is making: the SDK calls the transport in the caller's thread,
+  and a pooled connection serves one request at a time, so its socket operations read this."""
+  deadline: float | None = None  # time.monotonic() by which the attempt must end
+  received = 0                   # bytes read in this attempt
+  sent = 0                       # attempts started by the current ChatClient.complete()
+  stop: threading.Event | None = None
 
 
-def _shutdown(sock: socket.socket) -> None:
-  try:  # the plain socket's shutdown, also under TLS: it acts on the file descriptor
-    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-  except OSError:
-    pass  # already closed
+def _time_left(state: _Attempt, timeout: float | None, error: type[Exception]) -> float | None:
+  if state.deadline is None:
+    return timeout
+  left = state.deadline - time.monotonic()
+  if left <= 0:
+    raise error("the request took longer than its timeout")
+  return left if timeout is None else min(timeout, left)
 
 
-class _DeadlineHandler:
-  """Mixin for urllib's HTTP(S) handlers: their connections are watched by `deadline`."""
+class _DeadlineStream(httpcore2.NetworkStream):
+  """A pooled connection whose every operation is bounded by what is left of the attempt."""
 
-  def __init__(self, deadline: _Deadline, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.deadline = deadline
+  def __init__(self, stream: httpcore2.NetworkStream, state: _Attempt):
+    self._stream, self._state = stream, state
 
-  def do_open(self, http_class, req, **kwargs):
-    return super().do_open(self.deadline.connection_factory(http_class), req, **kwargs)
+  def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+    data = self._stream.read(max_bytes, _time_left(self._state, timeout, httpcore2.ReadTimeout))
+    self._state.received += len(data)
+    if self._state.received > MAX_BODY:
+      raise httpcore2.ReadError(f"response over {MAX_BODY >> 20} MiB: not a chat completion")
+    return data
+
+  def write(self, buffer: bytes, timeout: float | None = None) -> None:
+    for start in range(0, len(buffer), WRITE_CHUNK):
+      self._stream.write(buffer[start:start + WRITE_CHUNK],
+                         _time_left(self._state, timeout, httpcore2.WriteTimeout))
+
+  def close(self) -> None:
+    self._stream.close()
+
+  def start_tls(self, ssl_context, server_hostname: str | None = None,
+                timeout: float | None = None) -> httpcore2.NetworkStream:
+    tls = self._stream.start_tls(ssl_context, server_hostname,
+                                 _time_left(self._state, timeout, httpcore2.ConnectTimeout))
+    return _DeadlineStream(tls, self._state)
+
+  def get_extra_info(self, info: str):
+    return self._stream.get_extra_info(info)
 
 
-class _HTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
-  pass
+class _DeadlineBackend(httpcore2.NetworkBackend):
+  def __init__(self, backend: httpcore2.NetworkBackend, state: _Attempt):
+    self._backend, self._state = backend, state
 
+  def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+    timeout = _time_left(self._state, timeout, httpcore2.ConnectTimeout)
+    stream = self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+    return _DeadlineStream(stream, self._state)
 
-class _HTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
-  pass
+  def connect_unix_socket(self, path, timeout=None, socket_options=None):
+    timeout = _time_left(self._state, timeout, httpcore2.ConnectTimeout)
+    stream = self._backend.connect_unix_socket(path, timeout, socket_options)
+    return _DeadlineStream(stream, self._state)
+
+  def sleep(self, seconds: float) -> None:
+    self._backend.sleep(seconds)
 
 
 class ChatClient:
-  """One `/chat/completions` endpoint. Thread-safe: every call opens its own connection."""
+  """One `/chat/completions` endpoint. Thread-safe: the SDK client and its connection pool are
+  shared; each thread's attempt state is its own."""
 
   def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
                temperature: float | None = 0.0, max_tokens: int | None = None):
@@ -178,66 +182,79 @@ class ChatClient:
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
       raise UserError(f"the judge timeout must be a finite number of seconds > 0, got {timeout!r}")
     self.timeout = float(timeout)
-    self.temperature = temperature
-    self.max_tokens = max_tokens
-    # Proxies from the environment apply, except for the loopback (local vLLM/SGLang).
-    self._proxies = {} if _is_loopback(self.url) else None
-
-  def _opener(self, deadline: _Deadline):
-    return urllib.request.build_opener(urllib.request.ProxyHandler(self._proxies), _HTTPHandler(deadline),
-                                       _HTTPSHandler(deadline))
+    self._options = {}
+    if temperature is not None:
+      self._options["temperature"] = temperature
+    if max_tokens:
+      self._options["max_tokens"] = max_tokens
+    self._state = _Attempt()
+    transport = httpx2.HTTPTransport(proxy=_proxy_for(self.url))
+    pool = transport._pool  # noqa: SLF001 - httpx2 takes no network backend: set it on its pool
+    pool._network_backend = _DeadlineBackend(pool._network_backend, self._state)  # noqa: SLF001
+    http = openai.DefaultHttpxClient(transport=transport,
+                                     event_hooks={"request": [self._start_attempt]})
+    self._sdk = openai.OpenAI(base_url=self.url.removesuffix("/chat/completions"),
+                              api_key=self._key or NO_KEY, max_retries=0, timeout=self.timeout,
+                              http_client=http)
+    self._with_retries: dict[int, openai.OpenAI] = {0: self._sdk}
 
   def redact(self, text: str) -> str:
     return text.replace(self._key, "***") if self._key and text else text
 
-  def complete(self, messages: list[dict]) -> str:
-    body = {"model": self.model, "messages": messages}
-    if self.temperature is not None:
-      body["temperature"] = self.temperature
-    if self.max_tokens:
-      body["max_tokens"] = self.max_tokens
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if self._key:
-      headers["Authorization"] = f"Bearer {self._key}"
-    request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
-                                     method="POST")
-    with _Deadline(self.timeout) as deadline:
-      try:
-        return self.redact(_content(self._post(request, deadline)))
-      except RetryableError as e:
-        if deadline.expired:  # whatever broke when the sockets were shut, the cause is the deadline
-          raise RetryableError(f"timed out after {self.timeout:g}s") from None
-        raise RetryableError(self.redact(str(e)), e.retry_after) from None  # it may quote the server
+  @property
+  def attempts(self) -> int:
+    """HTTP attempts made by this thread's last `complete` (the SDK's retries included)."""
+    return self._state.sent
 
-  def _post(self, request: urllib.request.Request, deadline: _Deadline) -> bytes:
-    """The response body, or the failure as RetryableError / PermanentError / FatalError."""
+  def _start_attempt(self, request) -> None:
+    """httpx2's request hook, once per HTTP attempt, in the thread making it."""
+    state = self._state
+    if state.stop is not None and state.stop.is_set():
+      raise _Stopped("the run stopped")
+    state.sent += 1
+    state.received = 0
+    state.deadline = time.monotonic() + self.timeout
+
+  def complete(self, messages: list[dict], retries: int = 0,
+               stop: threading.Event | None = None) -> str:
+    """The judge's answer; the SDK retries transient failures up to `retries` times, and makes no
+    new attempt once `stop` is set."""
+    sdk = self._with_retries.get(retries)
+    if sdk is None:
+      sdk = self._with_retries.setdefault(retries, self._sdk.with_options(max_retries=retries))
+    state = self._state
+    state.sent, state.stop = 0, stop
     try:
-      with self._opener(deadline).open(request, timeout=self.timeout) as response:
-        payload = response.read(MAX_BODY + 1)
-    except urllib.error.HTTPError as e:
-      status = e.code
-      try:
-        detail = self.redact(e.read(500).decode("utf-8", "replace")).strip().replace("\n", " ")
-      except Exception:  # noqa: BLE001 - the body of an error is best effort
-        detail = ""
-      message = f"HTTP {status}" + (f": {detail[:200]}" if detail else "")
-      if status in RETRYABLE_STATUS or status >= 500:
-        raise RetryableError(message, parse_retry_after(e.headers.get("Retry-After"))) from None
-      if status in FATAL_STATUS:
-        raise FatalError(f"the judge server at {self.url} refused the request ({message})") from None
-      raise PermanentError(message) from None
-    except (TimeoutError, socket.timeout):
+      response = sdk.chat.completions.with_raw_response.create(model=self.model, messages=messages,
+                                                                **self._options)
+      payload = response.http_response.content
+    except openai.APIStatusError as e:
+      raise self._status_error(e.status_code, e.response) from None
+    except openai.APITimeoutError:
       raise RetryableError(f"timed out after {self.timeout:g}s") from None
-    except urllib.error.URLError as e:
-      reason = e.reason
-      if isinstance(reason, (TimeoutError, socket.timeout)):
-        raise RetryableError(f"timed out after {self.timeout:g}s") from None
-      raise RetryableError(f"connection error: {reason}") from None
-    except (http.client.HTTPException, ConnectionError, OSError) as e:
-      raise RetryableError(f"connection error: {type(e).__name__}: {e}") from None
-    if len(payload) > MAX_BODY:
-      raise RetryableError(f"response body over {MAX_BODY >> 20} MiB: not a chat completion")
-    return payload
+    except openai.APIConnectionError as e:  # it may quote the server
+      raise RetryableError(self.redact(f"connection error: {e.__cause__ or e}")) from None
+    except _Stopped:
+      raise RetryableError("the run stopped") from None
+    except openai.OpenAIError as e:  # anything else the SDK refuses: not an answer either
+      raise RetryableError(self.redact(f"{type(e).__name__}: {e}")) from None
+    finally:
+      state.deadline, state.stop = None, None
+    return self.redact(_content(payload))
+
+  def _status_error(self, status: int, response: httpx2.Response) -> Exception:
+    """A refusal as RetryableError / PermanentError / FatalError."""
+    try:
+      detail = self.redact(response.content[:500].decode("utf-8", "replace"))
+      detail = detail.strip().replace("\n", " ")
+    except Exception:  # noqa: BLE001 - the body of an error is best effort
+      detail = ""
+    message = f"HTTP {status}" + (f": {detail[:200]}" if detail else "")
+    if status in RETRYABLE_STATUS or status >= 500:
+      return RetryableError(message, parse_retry_after(response.headers.get("Retry-After")))
+    if status in FATAL_STATUS:
+      return FatalError(f"the judge server at {self.url} refused the request ({message})")
+    return PermanentError(message)
 
 
 def _content(payload: bytes) -> str:
@@ -245,11 +262,13 @@ def _content(payload: bytes) -> str:
   try:
     content = json.loads(payload)["choices"][0]["message"]["content"]
     if isinstance(content, list):  # content parts
-      content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+      content = "".join(p["text"] for p in content
+                        if isinstance(p, dict) and isinstance(p.get("text"), str))
     if not isinstance(content, (str, type(None))):
       raise TypeError(type(content).__name__)
   except (ValueError, KeyError, IndexError, TypeError, RecursionError):
-    raise RetryableError(f"not a chat completion: {payload[:200].decode('utf-8', 'replace')!r}") from None
+    start = payload[:200].decode("utf-8", "replace")
+    raise RetryableError(f"not a chat completion: {start!r}") from None
   return content or ""
 
 
@@ -258,10 +277,20 @@ def _is_loopback(url: str) -> bool:
   return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
+def _proxy_for(url: str) -> str | None:
+  """The environment's proxy for `url` (HTTP(S)_PROXY, NO_PROXY), none for the loopback (a local
+  vLLM/SGLang). Ours to find: httpx2 ignores the environment once given a transport."""
+  parts = urllib.parse.urlsplit(url)
+  if _is_loopback(url) or urllib.request.proxy_bypass(parts.hostname or ""):
+    return None
+  proxy = urllib.request.getproxies().get(parts.scheme)
+  return proxy if not proxy or "://" in proxy else f"http://{proxy}"
+
+
 @dataclasses.dataclass
 class RetryPolicy:
-  max_retries: int = 5
-  backoff: float = 1.0  # first delay in seconds; doubles per attempt
+  max_retries: int = 5  # HTTP attempts per job beyond the first, the SDK's included
+  backoff: float = 1.0  # first delay in seconds before asking again after an unusable answer
   max_backoff: float = 60.0
 
   def delay(self, attempt: int, rng: random.Random) -> float:
@@ -284,28 +313,29 @@ def judge_one(client: ChatClient, job: Job, mode: str, policy: RetryPolicy,
                                     item.reference, creativity)
   rng = random.Random()
   raw, error, reached = "", None, False
-  attempts = 0
-  for attempt in range(policy.max_retries + 1):
-    if stop.is_set():
-      return None
-    attempts += 1
+  attempts, wait = 0, 0.0
+  while not stop.wait(wait):
     try:
-      answer = client.complete(messages)
+      answer = client.complete(messages, policy.max_retries - attempts, stop)
     except RetryableError as e:
       error, reached = str(e), False
-      wait = e.retry_after if e.retry_after is not None else policy.delay(attempt, rng)
+      wait = e.retry_after
     except PermanentError as e:
       error, reached = str(e), True  # the server read the request and refused it: asking again is futile
+      attempts += max(1, client.attempts)
       break
     else:
       parsed = parse_scores(answer, len(job.order), mode)
       if parsed.ok:
         return _record(job, mode, answer, parsed.scores, None, client.model)
       raw, error, reached = answer, f"unusable answer: {parsed.error}", True
-      wait = policy.delay(attempt, rng)
-    log.debug("job %s %s attempt %d failed: %s", item.id, list(job.order), attempt + 1, error)
-    if attempt < policy.max_retries:
-      stop.wait(wait)
+      wait = None
+    attempts += max(1, client.attempts)
+    log.debug("job %s %s attempt %d failed: %s", item.id, list(job.order), attempts, error)
+    if attempts > policy.max_retries:
+      break
+    if wait is None:
+      wait = policy.delay(attempts - 1, rng)
   if stop.is_set():
     return None
   error = f"{error} (after {attempts} attempt{'s' * (attempts != 1)})"

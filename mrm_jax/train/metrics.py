@@ -1,21 +1,16 @@
-"""Training metrics: `WORKDIR/metrics.jsonl`, TensorBoard event files, console lines, MFU.
-
-The TensorBoard writer is a few lines of protobuf-by-hand (scalars only) instead of
-`tf.summary`: importing TensorFlow costs seconds and gigabytes, and the event format
-(TFRecord framing + `Event{wall_time, step, summary{value{tag, simple_value}}}`) is tiny.
-"""
+"""Training metrics: `WORKDIR/metrics.jsonl`, TensorBoard event files, console lines, MFU."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import socket
-import struct
-import time
 from pathlib import Path
 
 from mrm_jax.io import AppendLog
+
+log = logging.getLogger(__name__)
 
 # -- metrics.jsonl ---------------------------------------------------------------------------------
 
@@ -51,86 +46,40 @@ class MetricsLog:
 
 # -- TensorBoard -----------------------------------------------------------------------------------
 
-def _crc32c_table():
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  c = 0xFFFFFFFF
-  for b in data:
-    c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-  return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  c = crc32c(data)
-  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  n &= (1 << 64) - 1
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    out.append(b | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-  return _varint((num << 3) | wire) + payload
-
-
-def _event(wall_time: float, step: int, summary: bytes | None = None, file_version: str | None = None) -> bytes:
-  msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-  if file_version is not None:
-    v = file_version.encode()
-    msg += _field(3, 2, _varint(len(v)) + v)
-  if summary is not None:
-    msg += _field(5, 2, _varint(len(summary)) + summary)
-  return msg
-
-
-def _scalar_summary(values: dict[str, float]) -> bytes:
-  out = b""
-  for tag, value in values.items():
-    t = tag.encode()
-    v = _field(1, 2, _varint(len(t)) + t) + _field(2, 5, struct.pack("<f", float(value)))
-    out += _field(1, 2, _varint(len(v)) + v)
-  return out
-
 
 class TensorBoardWriter:
-  """Scalars to `DIR/events.out.tfevents.*`, readable by TensorBoard and `tf.compat.v1.train.summary_iterator`."""
+  """Scalars to `DIR/events.out.tfevents.*` through `tf.summary`. Where TensorFlow cannot be
+  imported (the GPU check machine has none), no events are written and one warning says so:
+  metrics.jsonl holds the same numbers."""
 
   def __init__(self, logdir: str | os.PathLike):
-    Path(logdir).mkdir(parents=True, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self._f = open(Path(logdir) / name, "ab")
-    self._write(_event(time.time(), 0, file_version="brain.Event:2"))
-
-  def _write(self, data: bytes) -> None:
-    header = struct.pack("<Q", len(data))
-    self._f.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
+    try:  # here, not at the top: TensorFlow is optional for training and slow to import
+      import tensorflow as tf
+    except ImportError:
+      log.warning("TensorFlow is not importable: no TensorBoard events (metrics.jsonl is written)")
+      self._tf = self._writer = None
+      return
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(str(logdir))
+    # What tensorboard's tf.summary.scalar writes, without needing the tensorboard package.
+    self._metadata = tf.compat.v1.SummaryMetadata(
+        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=1)  # DATA_CLASS_SCALAR
 
   def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-    vals = {prefix + k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    if vals:
-      self._write(_event(time.time(), step, summary=_scalar_summary(vals)))
-      self._f.flush()
+    vals = {prefix + k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)}
+    if self._writer is None or not vals:
+      return
+    with self._writer.as_default(step=step):
+      for tag, value in vals.items():
+        self._tf.summary.write(tag, self._tf.constant(float(value), self._tf.float32),
+                               metadata=self._metadata)
+    self._writer.flush()
 
   def close(self) -> None:
-    self._f.close()
+    if self._writer is not None:
+      self._writer.close()
 
 
 # -- model FLOPs / MFU --------------------------------------------------------------------------------
