@@ -8,12 +8,31 @@ Entry points
 - `get_family(name)` → the family module for a `model_type` / `model.family` ("qwen2_vl", "qwen2_5_vl",
   "qwen3_vl"), imported lazily.
 
+LAYOUT
+------
+- `common`: building blocks (Linear/Embed/RMSNorm/LayerNorm/GatedMLP/MLP, rotary incl. interleaved
+  M-RoPE, attention, `segment_mask`, `scatter_vision_tokens`, `remat_policy` / `remat_call` /
+  `apply_layers` (the layer loop under activation checkpointing), `abstract_params` (build a
+  shapes-only model fast, what the HF loader fills)).
+- `configs`: config code shared by the families: the `VisionLanguageConfig` base, config.json
+  helpers (`rope_fields`, `vision_fields`, `hf_rope_parameters`, `hf_config_errors`), the derived
+  vision sizes (`VisionDims`, `HiddenSizeVisionDims`).
+- `layers`: the model code the families share: `VisionAttention`, `VisionBlock`, `PatchMerger`,
+  `VisionTower` (Qwen2-VL / Qwen2.5-VL), `TextAttention` / `DecoderLayer` / `TextModel` (Qwen2 and
+  Qwen3 decoders), `Backbone` (embed → scatter vision tokens → decoder → final norm), the HF names
+  of these layers (`linear_names`, `vision_tower_names`, `text_model_names`, ...) and the processor's
+  `mrope_positions` / `vision_position_ids` / `placeholder_text`. A family picks among the shared
+  layouts with class constants on its configs (vision: `norm`, `mlp`, and the `embed_dim` /
+  `mlp_dim` / `out_dim` sizes; text: `qkv_bias`, `o_bias`, `qk_norm`, `mrope_interleaved`).
+- `<family>.py` (qwen2_vl, qwen2_5_vl, qwen3_vl): only what differs: its Config / presets, its
+  `Backbone` subclass (which vision tower, which batch arrays it reads), family-specific modules
+  (Qwen3-VL's tower with DeepStack) and processor hooks (windows, video timing).
+- `<family>_params.py`: the family's `hf_param_map`, re-exported by the family module.
+- `reward` (value head), `hf_io` (HF checkpoints in / out), `processor` (numpy preprocessing).
+
 FAMILY MODULE INTERFACE (mrm_jax/models/<family>.py; qwen2_vl.py is the reference implementation)
 --------------------------------------------------------------------------------------------------
-Building blocks live in `mrm_jax.models.common` (Linear/Embed/RMSNorm/LayerNorm/GatedMLP/MLP, rotary incl.
-interleaved M-RoPE, attention, `segment_mask`, `scatter_vision_tokens`, `remat_policy`, `abstract_params`
-(build a shapes-only model fast, what the HF loader fills)). `qwen2_vl.text_param_map` and
-`qwen2_vl.PatchMerger(norm="rmsnorm")` are reusable by Qwen2.5-VL. A family module defines:
+A family module defines:
 
 `MODEL_TYPE: str`
     The config.json `model_type` it loads ("qwen2_vl").
@@ -30,7 +49,7 @@ interleaved M-RoPE, attention, `segment_mask`, `scatter_vision_tokens`, `remat_p
 `PRESETS: dict[str, Config]`
     At least "tiny" (CPU tests) and the real sizes (e.g. "qwen2-vl-2b", "qwen2-vl-7b").
 `Backbone(cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention=None, remat="none")`
-    An `nnx.Module` with sub-modules `visual` (vision tower + merger; what `freeze_vision` freezes) and
+    Usually a subclass of `layers.Backbone`: an `nnx.Module` with sub-modules `visual` (vision tower + merger; what `freeze_vision` freezes) and
     `language_model`. `__call__(batch) -> [B, T, H]`: the last hidden state AFTER the final norm, in
     `dtype`. The LM head (vocabulary projection) is never built or computed. `attention` is passed to
     `common.attention(implementation=...)`: None | "xla" | "cudnn". The batch keys it reads:
@@ -39,7 +58,7 @@ interleaved M-RoPE, attention, `segment_mask`, `scatter_vision_tokens`, `remat_p
       vision_segment_ids [P] int32 (0 = padding patch; one id per image / video frame),
       plus the family's per-patch arrays (below). Placeholder tokens (image_token_id / video_token_id)
       receive the merged vision tokens in order of appearance (row-major over the batch).
-`hf_param_map(cfg) -> list[tuple[str, tuple, str]]`
+`hf_param_map(cfg) -> list[tuple[str, tuple, str]]`  (defined in `<family>_params.py`)
     `(hf_key, nnx_path, kind)` for every parameter of `Backbone`: `hf_key` in the transformers-5
     naming (`model.language_model.*`, `model.visual.*`); `hf_io` also accepts the older hub names
     (`model.layers.*`, `model.embed_tokens.*`, `model.norm.*`, `visual.*`) by rewriting prefixes.

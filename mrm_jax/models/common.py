@@ -12,7 +12,6 @@ Conventions (every family follows them, so HF weights map mechanically):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import threading
 from typing import Callable, Sequence
@@ -81,7 +80,8 @@ class Linear(nnx.Module):
     init_std = default_init_std() if init_std is None else init_std
     self.dtype = dtype
     # one key per layer: drawing from `rngs` is the slow part of building (or eval_shape-ing) big models
-    self.kernel = make_param(None if getattr(_ABSTRACT, 'on', False) else rngs.params(), nnx.initializers.normal(init_std), (in_features, out_features), axes,
+    key = None if getattr(_ABSTRACT, "on", False) else rngs.params()
+    self.kernel = make_param(key, nnx.initializers.normal(init_std), (in_features, out_features), axes,
                              param_dtype)
     self.bias = (make_param(None, nnx.initializers.zeros_init(), (out_features,), (axes[1],), param_dtype)
                  if use_bias else None)
@@ -99,8 +99,9 @@ class Embed(nnx.Module):
   def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs | None, axes: Axes = ("vocab", "embed")):
     self.dtype = dtype
-    self.embedding = make_param(None if getattr(_ABSTRACT, 'on', False) else rngs.params(), nnx.initializers.normal(default_init_std()), (num_embeddings, features), axes,
-                                param_dtype)
+    key = None if getattr(_ABSTRACT, "on", False) else rngs.params()
+    self.embedding = make_param(key, nnx.initializers.normal(default_init_std()),
+                                (num_embeddings, features), axes, param_dtype)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
@@ -325,32 +326,20 @@ def remat_call(layer: nnx.Module, policy, *args):
   return jax.checkpoint(pure, policy=policy)(state, *args)
 
 
+def apply_layers(layers: Sequence[nnx.Module], remat: str | None, x, *args,
+                 layer_args: Callable[[int], tuple] | None = None,
+                 after: Callable[[int, jax.Array], jax.Array] | None = None):
+  """`x` through each of `layers` in turn, each call checkpointed under `remat_policy(remat)`.
+
+  Layer i gets `(x, *args)`, or `(x, *layer_args(i))` when `layer_args` is given (per-block masks);
+  `after(i, x)` then replaces x (DeepStack injection, feature taps); it runs outside the checkpoint."""
+  policy = remat_policy(remat)
+  for i, layer in enumerate(layers):
+    x = remat_call(layer, policy, x, *(args if layer_args is None else layer_args(i)))
+    if after is not None:
+      x = after(i, x)
+  return x
+
+
 def count_params(module: nnx.Module) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionLanguageConfig:
-  """What every Qwen-VL family config shares; a family's `Config` adds its own `text` and `vision`."""
-  image_token_id: int = 151655
-  video_token_id: int = 151656
-  vision_start_token_id: int = 151652
-  vision_end_token_id: int = 151653
-  tie_word_embeddings: bool = False
-
-  @property
-  def hidden_size(self) -> int:
-    return self.text.hidden_size
-
-  @property
-  def merge_size(self) -> int:
-    return self.vision.spatial_merge_size
-
-  def validate_text(self) -> None:
-    """Checks every family's language model needs: whole KV-head groups, M-RoPE covering the head."""
-    from mrm_jax.errors import UserError
-    t = self.text
-    if t.num_attention_heads % t.num_key_value_heads:
-      raise UserError(f"config: heads {t.num_attention_heads} not a multiple of kv heads {t.num_key_value_heads}")
-    if sum(t.mrope_section) != t.head_dim // 2:
-      raise UserError(f"config: mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}")

@@ -1,6 +1,7 @@
 """Qwen2.5-VL in Flax NNX, matching transformers' `modeling_qwen2_5_vl.py`.
 
-What differs from Qwen2-VL (mrm_jax/models/qwen2_vl.py, whose pieces are reused here):
+What differs from Qwen2-VL (the shared layers are in mrm_jax/models/layers.py; the Qwen2 decoder's
+config comes from mrm_jax/models/qwen2_vl.py):
 - Vision blocks: RMSNorm (no bias) instead of LayerNorm, and a SwiGLU MLP *with* biases
   (`gate_proj`/`up_proj`/`down_proj`, `hidden_act` silu) instead of fc1/QuickGELU/fc2. The vision config
   uses `hidden_size` / `intermediate_size` / `out_hidden_size` (Qwen2-VL: `embed_dim` / `mlp_ratio` /
@@ -23,16 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mrm_jax.errors import UserError
-from mrm_jax.models import common, qwen2_vl
-from mrm_jax.models.common import GatedMLP, Linear, RMSNorm
+from mrm_jax.models import configs, layers, qwen2_vl
+from mrm_jax.models.layers import mrope_positions, placeholder_text  # noqa: F401  (family hooks)
+from mrm_jax.models.qwen2_5_vl_params import hf_param_map  # noqa: F401  (family interface)
 
 MODEL_TYPE = "qwen2_5_vl"
 
@@ -49,7 +48,7 @@ TextConfig = qwen2_vl.TextConfig
 # Configuration
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(configs.HiddenSizeVisionDims):
   """`Qwen2_5_VLVisionConfig`; defaults are transformers' class defaults (the presets hold the hub's)."""
   depth: int = 32
   hidden_size: int = 3584
@@ -66,86 +65,50 @@ class VisionConfig:
   tokens_per_second: float = 4
   rope_theta: float = 10000.0
 
-  @property
-  def embed_dim(self) -> int:  # the name qwen2_vl.VisionAttention reads
-    return self.hidden_size
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
-  def patch_dim(self) -> int:
-    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+  norm = "rmsnorm"  # layout constants read by mrm_jax.models.layers (not config.json fields)
+  mlp = "gated"
 
 
 _VISION_KEYS = [f.name for f in dataclasses.fields(VisionConfig)]
 
 
-def parse_text_config(d: dict) -> TextConfig:
-  """The Qwen2 decoder's config from config.json (flat or nested `text_config`), as qwen2_vl reads it."""
-  text_d = dict(d)
-  text_d.update(d.get("text_config") or {})
-  text = {k: text_d[k] for k in qwen2_vl._TEXT_KEYS if text_d.get(k) is not None}
-  text.update(qwen2_vl._rope_fields(d))
-  text.update(qwen2_vl._rope_fields(d.get("text_config") or {}))
-  return TextConfig(**text)
-
-
-_TOP_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-             "tie_word_embeddings")
-
-
 @dataclasses.dataclass(frozen=True)
-class Config(common.VisionLanguageConfig):
+class Config(configs.VisionLanguageConfig):
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
 
   @classmethod
   def from_hf(cls, d: dict) -> "Config":
-    vis_d = dict(d.get("vision_config") or {})
-    if "in_chans" in vis_d and "in_channels" not in vis_d:
-      vis_d["in_channels"] = vis_d["in_chans"]
-    vision = {k: vis_d[k] for k in _VISION_KEYS if vis_d.get(k) is not None}
+    vision = configs.vision_fields(d, _VISION_KEYS)
     if "fullatt_block_indexes" in vision:
       vision["fullatt_block_indexes"] = tuple(int(i) for i in vision["fullatt_block_indexes"])
-    if (vt := qwen2_vl._rope_fields(vis_d).get("rope_theta")) is not None:
-      vision["rope_theta"] = vt
-    top = {k: d[k] for k in _TOP_KEYS if d.get(k) is not None}
-    try:
-      text = parse_text_config(d)
-      vision.setdefault("out_hidden_size", text.hidden_size)
-      cfg = cls(text=text, vision=VisionConfig(**vision), **top)
-    except TypeError as e:
-      raise UserError(f"config.json: {e}") from None
+    with configs.hf_config_errors():
+      text = qwen2_vl.parse_text_config(d)
+      vision = VisionConfig(**{"out_hidden_size": text.hidden_size, **vision})
+      cfg = cls(text=text, vision=vision, **cls.top_fields(d))
     cfg.validate()
     return cfg
 
   def validate(self) -> None:
-    t, v = self.text, self.vision
-    if t.hidden_size % t.num_attention_heads:
-      raise UserError(f"config: hidden_size {t.hidden_size} is not a multiple of heads {t.num_attention_heads}")
-    self.validate_text()
-    if v.hidden_size % v.num_heads or v.out_hidden_size != t.hidden_size:
-      raise UserError(f"config: vision hidden_size {v.hidden_size} / heads {v.num_heads} / out_hidden_size "
-                      f"{v.out_hidden_size} (must equal text hidden_size {t.hidden_size})")
+    v = self.vision
+    self.validate_text(derived_head_dim=True)
+    self.validate_vision("hidden_size", "out_hidden_size")
     if v.window_size // v.spatial_merge_size // v.patch_size < 1:
       raise UserError(f"config: window_size {v.window_size} is smaller than one merge unit "
                       f"({v.spatial_merge_size * v.patch_size} pixels)")
 
   def to_hf(self) -> dict:
     v = self.vision
-    shim = qwen2_vl.Config(text=self.text, vision=qwen2_vl.VisionConfig(hidden_size=self.text.hidden_size))
-    text = dict(shim.to_hf()["text_config"], model_type="qwen2_5_vl_text")
     vision = {k: getattr(v, k) for k in _VISION_KEYS if k != "rope_theta"}
     vision["fullatt_block_indexes"] = list(v.fullatt_block_indexes)
-    vision.update(model_type="qwen2_5_vl_vision", rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+    vision.update(model_type="qwen2_5_vl_vision",
+                  rope_parameters=configs.hf_rope_parameters("axial", v.rope_theta))
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": MODEL_TYPE,
-        "text_config": text,
+        "text_config": qwen2_vl.text_to_hf(self.text, "qwen2_5_vl_text"),
         "vision_config": vision,
-        **{k: getattr(self, k) for k in _TOP_KEYS},
+        **self.top_to_hf(),
     }
 
 
@@ -162,7 +125,7 @@ PRESETS: dict[str, Config] = {
         # window 56 px = 2x2 merge units per window; blocks 1 and 3 attend globally
         vision=VisionConfig(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                             window_size=56, fullatt_block_indexes=(1, 3), tokens_per_second=2),
-        **qwen2_vl.TINY_TOKEN_IDS),
+        **configs.TINY_TOKEN_IDS),
     "qwen2.5-vl-3b": Config(
         text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000),
@@ -175,88 +138,12 @@ PRESETS: dict[str, Config] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Vision tower
+# Model
 
-class VisionBlock(nnx.Module):
-  """Pre-RMSNorm block: attention (qwen2_vl's, 2-D rotary) and a biased SwiGLU MLP."""
+class Backbone(layers.Backbone):
+  """`layers.VisionTower` (RMSNorm, biased SwiGLU, window attention) + the Qwen2 decoder."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, attention=None):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = RMSNorm(cfg.hidden_size, 1e-6, axes=("vision_embed",), dtype=dtype, param_dtype=param_dtype)
-    self.norm2 = RMSNorm(cfg.hidden_size, 1e-6, axes=("vision_embed",), dtype=dtype, param_dtype=param_dtype)
-    self.attn = qwen2_vl.VisionAttention(cfg, attention=attention, **kw)
-    self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=True,
-                        axes=("vision_embed", "vision_mlp"), **kw)
-
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.attn(self.norm1(x), cos, sin, mask)
-    return x + self.mlp(self.norm2(x))
-
-
-class VisionTower(nnx.Module):
-
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, attention=None, remat="none"):
-    self.cfg, self.remat = cfg, remat
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, axes=(None, "vision_embed"), **kw)
-    self.blocks = nnx.List([VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)])
-    self.merger = qwen2_vl.PatchMerger(cfg.out_hidden_size, cfg.hidden_size, cfg.spatial_merge_size,
-                                       norm="rmsnorm", **kw)
-
-  def __call__(self, pixel_values, segment_ids, window_segment_ids, pos_ids):
-    """`pixel_values [P, patch_dim]` → merged tokens `[P / merge², out_hidden]` (processor patch order)."""
-    x = self.patch_embed(pixel_values)
-    cos, sin = common.vision_rotary_cos_sin(pos_ids, self.cfg.head_dim, self.cfg.rope_theta)
-    full_mask = common.segment_mask(segment_ids)
-    window_mask = common.segment_mask(window_segment_ids)
-    policy = common.remat_policy(self.remat)
-    for i, blk in enumerate(self.blocks):
-      mask = full_mask if i in self.cfg.fullatt_block_indexes else window_mask
-      x = common.remat_call(blk, policy, x, cos, sin, mask)
-    return self.merger(x)
-
-
-class Backbone(nnx.Module):
-  """Qwen2.5-VL vision tower + the Qwen2 decoder; `__call__(batch)` → last hidden state `[B, T, H]`."""
-
-  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention: str | None = None, remat: str = "none"):
-    self.config = cfg
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention, remat=remat)
-    self.visual = VisionTower(cfg.vision, **kw)
-    self.language_model = qwen2_vl.TextModel(cfg.text, **kw)
-
-  def __call__(self, batch: dict[str, Any]) -> jax.Array:
-    ids = jnp.asarray(batch["input_ids"])
-    embeds = self.language_model.embed_tokens(ids)
-    pixels = batch.get("pixel_values")
-    if pixels is not None and pixels.shape[0] > 0:
-      vis = self.visual(jnp.asarray(pixels), jnp.asarray(batch["vision_segment_ids"]),
-                        jnp.asarray(batch["vision_window_segment_ids"]), jnp.asarray(batch["vision_pos_ids"]))
-      embeds = common.scatter_vision_tokens(embeds, ids, vis, (self.config.image_token_id,
-                                                               self.config.video_token_id))
-    return self.language_model(embeds, jnp.asarray(batch["position_ids"]), jnp.asarray(batch["attention_mask"]))
-
-
-# ----------------------------------------------------------------------------------------------
-# HF parameter names
-
-def hf_param_map(cfg: Config) -> list[tuple[str, tuple, str]]:
-  lin, norm = qwen2_vl._linear, qwen2_vl._norm
-  v, vp = "model.visual", ("visual",)
-  out = [(f"{v}.patch_embed.proj.weight", vp + ("patch_embed", "kernel"), "patch_embed")]
-  for i in range(cfg.vision.depth):
-    p, q = f"{v}.blocks.{i}", vp + ("blocks", i)
-    out += norm(f"{p}.norm1", q + ("norm1",), False)
-    out += norm(f"{p}.norm2", q + ("norm2",), False)
-    out += lin(f"{p}.attn.qkv", q + ("attn", "qkv"))
-    out += lin(f"{p}.attn.proj", q + ("attn", "proj"))
-    for name in ("gate_proj", "up_proj", "down_proj"):
-      out += lin(f"{p}.mlp.{name}", q + ("mlp", name))
-  out += norm(f"{v}.merger.ln_q", vp + ("merger", "ln_q"), False)
-  out += lin(f"{v}.merger.mlp.0", vp + ("merger", "fc1"))
-  out += lin(f"{v}.merger.mlp.2", vp + ("merger", "fc2"))
-  return out + qwen2_vl.text_param_map(cfg.text)
+  vision_keys = ("vision_segment_ids", "vision_pos_ids", "vision_window_segment_ids")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,48 +191,9 @@ def window_segment_ids(grid_thw: np.ndarray, merge_size: int, window_size: int, 
 
 def vision_patch_arrays(grid_thw: np.ndarray, cfg: Config) -> dict[str, np.ndarray]:
   v = cfg.vision
-  return {"vision_pos_ids": qwen2_vl.vision_position_ids(grid_thw, cfg.merge_size),
+  return {"vision_pos_ids": layers.vision_position_ids(grid_thw, cfg.merge_size),
           "vision_window_segment_ids": window_segment_ids(grid_thw, v.spatial_merge_size, v.window_size,
                                                           v.patch_size)}
-
-
-placeholder_text = qwen2_vl.placeholder_text
-
-
-def mrope_positions(input_ids: np.ndarray, grid_thw: np.ndarray, image_token_id: int, video_token_id: int,
-                    merge_size: int, video_intervals: Sequence[float] = ()) -> np.ndarray:
-  """M-RoPE position ids `[3, T]` of one unpadded example, as transformers' `get_rope_index` builds them.
-
-  Text runs count up by one. A vision item starting at `cur` gets temporal ids
-  `cur + int(t * interval)` (interval 1 for images, `video_intervals[k]` for the k-th video, computed in
-  float32 and truncated like torch's `.long()`), row / column ids `cur + i`; the text after it resumes
-  at `cur + max(h, w) / merge_size` (transformers' rule, also for videos)."""
-  ids = np.asarray(input_ids).reshape(-1)
-  types = np.where(ids == image_token_id, 1, np.where(ids == video_token_id, 2, 0))
-  grids = iter(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3))
-  intervals = iter(video_intervals)
-  pos, cur, start = [], 0, 0
-  for kind, group in itertools.groupby(types.tolist()):
-    n = len(list(group))
-    if kind == 0:
-      pos.append(np.broadcast_to(np.arange(n) + cur, (3, n)))
-      cur += n
-    else:
-      try:
-        t, h, w = next(grids)
-      except StopIteration:
-        raise ValueError(f"more vision placeholder runs than vision items (token {start})") from None
-      gh, gw = h // merge_size, w // merge_size
-      if t * gh * gw != n:
-        raise ValueError(f"vision item at token {start} has {n} placeholders but its grid {t}x{h}x{w} "
-                         f"needs {t * gh * gw}")
-      interval = np.float32(next(intervals, 1.0)) if kind == 2 else np.float32(1.0)
-      temporal = (np.arange(t).astype(np.float32) * interval).astype(np.int64)
-      tt, hh, ww = np.meshgrid(temporal, np.arange(gh), np.arange(gw), indexing="ij")
-      pos.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + cur)
-      cur += max(gh, gw)
-    start += n
-  return (np.concatenate(pos, axis=1) if pos else np.zeros((3, 0))).astype(np.int32)
 
 
 def rope_index(input_ids: np.ndarray, grid_thw: np.ndarray, cfg: Config,

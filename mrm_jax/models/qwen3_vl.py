@@ -1,6 +1,6 @@
 """Qwen3-VL in Flax NNX, matching transformers' `modeling_qwen3_vl.py`.
 
-What differs from Qwen2-VL / Qwen2.5-VL (their shared pieces are reused from qwen2_vl.py):
+What differs from Qwen2-VL / Qwen2.5-VL (the shared layers are in mrm_jax/models/layers.py):
 - Vision tower: patch size 16 and a Conv3d patch embedding *with* bias; a learned position table of
   `num_position_embeddings` (a square grid) resampled to each image's patch grid by bilinear interpolation
   with `align_corners=True` (4 taps per patch, indices and weights computed on the host, in the processor's
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +33,9 @@ import numpy as np
 from flax import nnx
 
 from mrm_jax.errors import UserError
-from mrm_jax.models import common, qwen2_vl
-from mrm_jax.models.common import LayerNorm, Linear, MLP, RMSNorm
-from mrm_jax.models.qwen2_5_vl import mrope_positions
+from mrm_jax.models import common, configs, layers
+from mrm_jax.models.common import LayerNorm, Linear
+from mrm_jax.models.qwen3_vl_params import hf_param_map  # noqa: F401  (family interface)
 
 MODEL_TYPE = "qwen3_vl"
 
@@ -52,7 +52,7 @@ DEFAULT_VIDEO_FPS = 24.0
 # Configuration
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(configs.HiddenSizeVisionDims):
   """`Qwen3VLVisionConfig` (defaults: transformers' class defaults)."""
   depth: int = 27
   hidden_size: int = 1152
@@ -68,17 +68,8 @@ class VisionConfig:
   deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
   rope_theta: float = 10000.0
 
-  @property
-  def embed_dim(self) -> int:  # the name qwen2_vl.VisionAttention reads
-    return self.hidden_size
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
-  def patch_dim(self) -> int:
-    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+  norm = "layernorm"  # layout constants read by mrm_jax.models.layers (not config.json fields)
+  mlp = "mlp"
 
   @property
   def num_grid_per_side(self) -> int:
@@ -102,14 +93,24 @@ class TextConfig:
   mrope_section: tuple[int, ...] = (24, 20, 20)
   attention_bias: bool = False
 
+  # the Qwen3 decoder's layout, read by mrm_jax.models.layers (not config.json fields)
+  qk_norm, mrope_interleaved = True, True
+
+  @property
+  def qkv_bias(self) -> bool:
+    return self.attention_bias
+
+  @property
+  def o_bias(self) -> bool:
+    return self.attention_bias
+
 
 _TEXT_KEYS = [f.name for f in dataclasses.fields(TextConfig)]
 _VISION_KEYS = [f.name for f in dataclasses.fields(VisionConfig)]
-_TOP_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(common.VisionLanguageConfig):
+class Config(configs.VisionLanguageConfig):
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
 
@@ -120,35 +121,28 @@ class Config(common.VisionLanguageConfig):
       if k not in text_d and d.get(k) is not None:
         text_d[k] = d[k]
     text = {k: text_d[k] for k in _TEXT_KEYS if text_d.get(k) is not None}
-    text.update(qwen2_vl._rope_fields(d))
-    text.update(qwen2_vl._rope_fields(text_d))
+    text.update(configs.rope_fields(d))
+    text.update(configs.rope_fields(text_d))
     rope = text_d.get("rope_parameters") or text_d.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
       raise UserError(f"config.json: rope_type '{rope.get('rope_type', rope.get('type'))}' is not supported "
                       f"(Qwen3-VL uses the default M-RoPE)")
-    vis_d = dict(d.get("vision_config") or {})
-    vision = {k: vis_d[k] for k in _VISION_KEYS if vis_d.get(k) is not None}
+    vision = configs.vision_fields(d, _VISION_KEYS)
     if "deepstack_visual_indexes" in vision:
       vision["deepstack_visual_indexes"] = tuple(int(i) for i in vision["deepstack_visual_indexes"])
-    if (vt := qwen2_vl._rope_fields(vis_d).get("rope_theta")) is not None:
-      vision["rope_theta"] = vt
-    top = {k: d[k] for k in _TOP_KEYS if d.get(k) is not None}
+    top = cls.top_fields(d)
     tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings"))
     if tie is not None:
       top["tie_word_embeddings"] = bool(tie)
-    try:
+    with configs.hf_config_errors():
       cfg = cls(text=TextConfig(**text), vision=VisionConfig(**vision), **top)
-    except TypeError as e:
-      raise UserError(f"config.json: {e}") from None
     cfg.validate()
     return cfg
 
   def validate(self) -> None:
     t, v = self.text, self.vision
     self.validate_text()
-    if v.hidden_size % v.num_heads or v.out_hidden_size != t.hidden_size:
-      raise UserError(f"config: vision hidden_size {v.hidden_size} / heads {v.num_heads} / out_hidden_size "
-                      f"{v.out_hidden_size} (must equal text hidden_size {t.hidden_size})")
+    self.validate_vision("hidden_size", "out_hidden_size")
     if v.num_grid_per_side ** 2 != v.num_position_embeddings:
       raise UserError(f"config: num_position_embeddings {v.num_position_embeddings} is not a square")
     if any(not 0 <= i < v.depth for i in v.deepstack_visual_indexes):
@@ -161,19 +155,18 @@ class Config(common.VisionLanguageConfig):
   def to_hf(self) -> dict:
     t, v = self.text, self.vision
     text = {k: getattr(t, k) for k in _TEXT_KEYS if k not in ("rope_theta", "mrope_section")}
-    text.update(model_type="qwen3_vl_text", rope_parameters={
-        "rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section),
-        "mrope_interleaved": True})
+    text.update(model_type="qwen3_vl_text", rope_parameters=configs.hf_rope_parameters(
+        "default", t.rope_theta, t.mrope_section, mrope_interleaved=True))
     vision = {k: getattr(v, k) for k in _VISION_KEYS if k != "rope_theta"}
     vision["deepstack_visual_indexes"] = list(v.deepstack_visual_indexes)
-    vision.update(model_type="qwen3_vl_vision", rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+    vision.update(model_type="qwen3_vl_vision",
+                  rope_parameters=configs.hf_rope_parameters("axial", v.rope_theta))
     return {
         "architectures": ["Qwen3VLForConditionalGeneration"],
         "model_type": MODEL_TYPE,
         "text_config": text,
         "vision_config": vision,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        **{k: getattr(self, k) for k in _TOP_KEYS},
+        **self.top_to_hf(),
     }
 
 
@@ -193,7 +186,7 @@ PRESETS: dict[str, Config] = {
         # an 8x8 learned position grid, resampled up and down to the test images' grids
         vision=VisionConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                             num_position_embeddings=64, deepstack_visual_indexes=(0, 1)),
-        **qwen2_vl.TINY_TOKEN_IDS),
+        **configs.TINY_TOKEN_IDS),
     "qwen3-vl-2b": Config(
         text=_hub_text(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
         vision=VisionConfig(out_hidden_size=2048, **_SMALL_VISION), tie_word_embeddings=True),
@@ -209,20 +202,6 @@ PRESETS: dict[str, Config] = {
 
 # ----------------------------------------------------------------------------------------------
 # Vision tower
-
-class VisionBlock(nnx.Module):
-
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, attention=None):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = LayerNorm(cfg.hidden_size, 1e-6, axes=("vision_embed",), dtype=dtype, param_dtype=param_dtype)
-    self.norm2 = LayerNorm(cfg.hidden_size, 1e-6, axes=("vision_embed",), dtype=dtype, param_dtype=param_dtype)
-    self.attn = qwen2_vl.VisionAttention(cfg, attention=attention, **kw)
-    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, **kw)
-
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.attn(self.norm1(x), cos, sin, mask)
-    return x + self.mlp(self.norm2(x))
-
 
 class PatchMerger(nnx.Module):
   """`linear_fc2(GELU(linear_fc1(norm(...))))` over merge_size² concatenated patches. The main merger
@@ -249,7 +228,8 @@ class VisionTower(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, use_bias=True, axes=(None, "vision_embed"), **kw)
     self.pos_embed = common.Embed(cfg.num_position_embeddings, cfg.hidden_size, axes=(None, "vision_embed"), **kw)
-    self.blocks = nnx.List([VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)])
+    self.blocks = nnx.List([layers.VisionBlock(cfg, attention=attention, **kw)
+                            for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, postshuffle=False, **kw)
     self.deepstack_merger_list = nnx.List([PatchMerger(cfg, postshuffle=True, **kw)
                                            for _ in cfg.deepstack_visual_indexes])
@@ -263,135 +243,27 @@ class VisionTower(nnx.Module):
                   * interp_weight.astype(jnp.float32)[..., None], axis=1)
     x = x + pos.astype(x.dtype)
     cos, sin = common.vision_rotary_cos_sin(pos_ids, self.cfg.head_dim, self.cfg.rope_theta)
-    mask = common.segment_mask(segment_ids)
-    policy = common.remat_policy(self.remat)
-    deepstack = []
-    for i, blk in enumerate(self.blocks):
-      x = common.remat_call(blk, policy, x, cos, sin, mask)
-      if i in self.cfg.deepstack_visual_indexes:
-        deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
+    deepstack, taps = [], self.cfg.deepstack_visual_indexes
+
+    def tap(i, x):
+      if i in taps:
+        deepstack.append(self.deepstack_merger_list[taps.index(i)](x))
+      return x
+
+    x = common.apply_layers(self.blocks, self.remat, x, cos, sin, common.segment_mask(segment_ids),
+                            after=tap)
     return self.merger(x), deepstack
 
 
 # ----------------------------------------------------------------------------------------------
-# Language model
+# Model
 
-class TextAttention(nnx.Module):
-  """GQA with per-head q/k RMSNorm before the (interleaved multimodal) rotary."""
+class Backbone(layers.Backbone):
+  """The Qwen3-VL vision tower (with DeepStack) + the Qwen3 decoder (q/k norms, interleaved M-RoPE)."""
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, attention=None):
-    h, n, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    self.n, self.k, self.d, self.attention = n, k, d, attention
-    kw = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = Linear(h, n * d, axes=("embed", "heads"), **kw)
-    self.k_proj = Linear(h, k * d, axes=("embed", "kv_heads"), **kw)
-    self.v_proj = Linear(h, k * d, axes=("embed", "kv_heads"), **kw)
-    self.o_proj = Linear(n * d, h, axes=("heads", "embed"), **kw)
-    self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-    self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-
-  def __call__(self, x, cos, sin, key_mask):
-    b, t, _ = x.shape
-    q = self.q_norm(self.q_proj(x).reshape(b, t, self.n, self.d))
-    k = self.k_norm(self.k_proj(x).reshape(b, t, self.k, self.d))
-    v = self.v_proj(x).reshape(b, t, self.k, self.d)
-    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    q, k = common.apply_rotary(q, c, s), common.apply_rotary(k, c, s)
-    out = common.attention(q, k, v, causal=True, key_mask=key_mask, implementation=self.attention)
-    return self.o_proj(out.reshape(b, t, self.n * self.d))
-
-
-class TextModel(nnx.Module):
-
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, attention=None, remat="none"):
-    self.cfg, self.remat = cfg, remat
-    self.embed_tokens = common.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
-    self.layers = nnx.List([qwen2_vl.DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                                  attention=attention, attention_cls=TextAttention)
-                            for _ in range(cfg.num_hidden_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axes=("embed",), dtype=dtype, param_dtype=param_dtype)
-
-  def __call__(self, embeds, position_ids, attention_mask, deepstack: Sequence[jax.Array] = ()):
-    """`deepstack[k]` (`[B, T, H]`, zero away from vision tokens) is added after decoder layer k."""
-    cos, sin = common.mrope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section,
-                                    interleaved=True)
-    policy = common.remat_policy(self.remat)
-    x = embeds
-    for i, layer in enumerate(self.layers):
-      x = common.remat_call(layer, policy, x, cos, sin, attention_mask)
-      if i < len(deepstack):
-        x = x + deepstack[i].astype(x.dtype)
-    return self.norm(x)
-
-
-class Backbone(nnx.Module):
-  """Qwen3-VL vision tower (with DeepStack) + Qwen3 decoder; `__call__(batch)` → `[B, T, H]`."""
-
-  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention: str | None = None, remat: str = "none"):
-    self.config = cfg
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention, remat=remat)
-    self.visual = VisionTower(cfg.vision, **kw)
-    self.language_model = TextModel(cfg.text, **kw)
-
-  def __call__(self, batch: dict[str, Any]) -> jax.Array:
-    ids = jnp.asarray(batch["input_ids"])
-    embeds = self.language_model.embed_tokens(ids)
-    pixels = batch.get("pixel_values")
-    deepstack = []
-    if pixels is not None and pixels.shape[0] > 0:
-      tokens = (self.config.image_token_id, self.config.video_token_id)
-      vis, feats = self.visual(jnp.asarray(pixels), jnp.asarray(batch["vision_segment_ids"]),
-                               jnp.asarray(batch["vision_pos_ids"]), jnp.asarray(batch["vision_pos_embed_index"]),
-                               jnp.asarray(batch["vision_pos_embed_weight"]))
-      embeds = common.scatter_vision_tokens(embeds, ids, vis, tokens)
-      zeros = jnp.zeros_like(embeds)
-      deepstack = [common.scatter_vision_tokens(zeros, ids, f, tokens) for f in feats]
-    return self.language_model(embeds, jnp.asarray(batch["position_ids"]), jnp.asarray(batch["attention_mask"]),
-                               deepstack)
-
-
-# ----------------------------------------------------------------------------------------------
-# HF parameter names
-
-def _merger_map(prefix: str, path: tuple) -> list[tuple[str, tuple, str]]:
-  lin, norm = qwen2_vl._linear, qwen2_vl._norm
-  return (norm(f"{prefix}.norm", path + ("norm",), True) + lin(f"{prefix}.linear_fc1", path + ("linear_fc1",))
-          + lin(f"{prefix}.linear_fc2", path + ("linear_fc2",)))
-
-
-def hf_param_map(cfg: Config) -> list[tuple[str, tuple, str]]:
-  lin, norm = qwen2_vl._linear, qwen2_vl._norm
-  v, vp = "model.visual", ("visual",)
-  out = [(f"{v}.patch_embed.proj.weight", vp + ("patch_embed", "kernel"), "patch_embed"),
-         (f"{v}.patch_embed.proj.bias", vp + ("patch_embed", "bias"), "copy"),
-         (f"{v}.pos_embed.weight", vp + ("pos_embed", "embedding"), "copy")]
-  for i in range(cfg.vision.depth):
-    p, q = f"{v}.blocks.{i}", vp + ("blocks", i)
-    out += norm(f"{p}.norm1", q + ("norm1",), True)
-    out += norm(f"{p}.norm2", q + ("norm2",), True)
-    out += lin(f"{p}.attn.qkv", q + ("attn", "qkv"))
-    out += lin(f"{p}.attn.proj", q + ("attn", "proj"))
-    out += lin(f"{p}.mlp.linear_fc1", q + ("mlp", "fc1"))
-    out += lin(f"{p}.mlp.linear_fc2", q + ("mlp", "fc2"))
-  out += _merger_map(f"{v}.merger", vp + ("merger",))
-  for j in range(len(cfg.vision.deepstack_visual_indexes)):
-    out += _merger_map(f"{v}.deepstack_merger_list.{j}", vp + ("deepstack_merger_list", j))
-  t, lm, pre = cfg.text, ("language_model",), "model.language_model"
-  out.append((f"{pre}.embed_tokens.weight", lm + ("embed_tokens", "embedding"), "copy"))
-  for i in range(t.num_hidden_layers):
-    p, q = f"{pre}.layers.{i}", lm + ("layers", i)
-    out += norm(f"{p}.input_layernorm", q + ("input_layernorm",), False)
-    out += norm(f"{p}.post_attention_layernorm", q + ("post_attention_layernorm",), False)
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      out += lin(f"{p}.self_attn.{name}", q + ("self_attn", name), bias=t.attention_bias)
-    out += norm(f"{p}.self_attn.q_norm", q + ("self_attn", "q_norm"), False)
-    out += norm(f"{p}.self_attn.k_norm", q + ("self_attn", "k_norm"), False)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-      out += lin(f"{p}.mlp.{name}", q + ("mlp", name), bias=False)
-  out += norm(f"{pre}.norm", lm + ("norm",), False)
-  return out
+  vision_tower = VisionTower
+  vision_keys = ("vision_segment_ids", "vision_pos_ids", "vision_pos_embed_index",
+                 "vision_pos_embed_weight")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +308,7 @@ def pos_embed_interpolation(grid_thw: np.ndarray, num_grid_per_side: int,
 
 def vision_patch_arrays(grid_thw: np.ndarray, cfg: Config) -> dict[str, np.ndarray]:
   index, weight = pos_embed_interpolation(grid_thw, cfg.vision.num_grid_per_side, cfg.merge_size)
-  return {"vision_pos_ids": qwen2_vl.vision_position_ids(grid_thw, cfg.merge_size),
+  return {"vision_pos_ids": layers.vision_position_ids(grid_thw, cfg.merge_size),
           "vision_pos_embed_index": index, "vision_pos_embed_weight": weight}
 
 
@@ -461,7 +333,7 @@ def placeholder_text(kind: str, thw, cfg: Config, merge_size: int, **video_timin
   `<|vision_start|><|video_pad|>*n<|vision_end|>` (n = h*w / merge²); `video_timing` goes to
   `frame_timestamps` (num_frames / fps / frame_indices)."""
   if kind == "image":
-    return qwen2_vl.placeholder_text(kind, thw, cfg, merge_size)
+    return layers.placeholder_text(kind, thw, cfg, merge_size)
   t, h, w = (int(x) for x in thw)
   per_frame = "<|vision_start|>" + "<|video_pad|>" * (h * w // merge_size ** 2) + "<|vision_end|>"
   times = frame_timestamps(t, cfg.vision.temporal_patch_size, **video_timing)
@@ -486,5 +358,5 @@ def rope_index(input_ids: np.ndarray, grid_thw: np.ndarray, cfg: Config) -> np.n
     else:
       split.append((t, h, w))
       r += 1
-  return mrope_positions(ids, np.asarray(split, np.int64).reshape(-1, 3), cfg.image_token_id, cfg.video_token_id,
-                         cfg.merge_size)
+  return layers.mrope_positions(ids, np.asarray(split, np.int64).reshape(-1, 3), cfg.image_token_id,
+                                cfg.video_token_id, cfg.merge_size)
