@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from mrm_jax.errors import UserError
 from mrm_jax.io import check_writable_dir, read_json_object
@@ -61,7 +62,6 @@ class ModelSpec:
     self.kw = dict(dtype=cfg.model.dtype, param_dtype="float32", attention=_attention(cfg),
                    remat=cfg.model.remat)
     if self.path:
-      from mrm_jax.models import hf_io
       fam, self.model_config = hf_io.family_and_config(self.path)
       self.family = fam.MODEL_TYPE
     else:
@@ -124,7 +124,6 @@ class Setup:
     self.trainer = Trainer(self.graphdef, tx, schedule, mesh=self.mesh, state_sharding=self.shardings,
                            grad_accum=cfg.train.grad_accum, margin_scale=cfg.loss.margin_scale,
                            center_weight=cfg.loss.center_weight)
-    self._jax = jax
 
   def abstract_state(self):
     return self.trainer.abstract_state(*self.abstract_parts)
@@ -132,8 +131,6 @@ class Setup:
   def fresh_state(self, from_model=None):
     """Step-0 state: random init (built directly sharded, never whole on one device) or the
     weights of `from_model` (an HF load) placed onto the mesh."""
-    jax = self._jax
-
     seed = int(self.cfg.seed)
     sh = self.shardings
     freeze = bool(self.cfg.model.freeze_vision)
@@ -156,6 +153,10 @@ class Setup:
 
 
 def _stack_micro(batches: list[dict]) -> dict:
+  """Micro-batches stacked on a new leading axis; one micro-batch gets the axis as a view (no
+  copy of the pixels)."""
+  if len(batches) == 1:
+    return {k: np.asarray(v)[None] for k, v in batches[0].items()}
   batches = pad_to_common_shape(batches)
   return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
@@ -208,121 +209,178 @@ def evaluate(setup: Setup, state, batches) -> dict:
   return {**{k: v / n for k, v in total.items()}, "count": int(n)}
 
 
-def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None, model_factory: Callable | None = None,
-          data_factory: Callable | None = None, progress: bool = True, devices=None) -> dict:
-  """Trains (or resumes) a reward model in `workdir`; returns a summary dict.
+class _Throughput:
+  """Tokens, steps and model FLOPs since the last log line, counted from the host batches so no
+  device value is read."""
 
-  `model_factory(seed) -> RewardModel` and `data_factory(cfg, split, processor_path)` replace the
-  configured model / input pipeline (tests, custom models); `split` is "train" or "eval".
-  `devices` restricts the mesh to some of the devices (default: all).
-  """
+  def __init__(self, flops_spec: dict, peak: float | None, n_devices: int):
+    self.flops_spec, self.peak, self.n_devices = flops_spec, peak, n_devices
+    self.reset()
+
+  def reset(self) -> None:
+    self.tokens, self.steps, self.flops, self.t0 = 0, 0, 0.0, time.time()
+
+  def add(self, host: dict, micro: int) -> None:
+    mask = host.get("attention_mask")
+    self.tokens += int(mask.sum()) if mask is not None else host["input_ids"].size
+    seg = host.get("vision_segment_ids")
+    patches = int((seg > 0).sum()) if seg is not None else 0
+    rows, seq = host["input_ids"].shape[-2:]
+    self.flops += micro * mx.step_flops(self.flops_spec, rows, seq, patches // micro)
+    self.steps += 1
+
+  def rates(self) -> dict:
+    dt = max(time.time() - self.t0, 1e-9)
+    out = {"tokens_per_s": self.tokens / dt, "steps_per_s": self.steps / dt}
+    if self.peak:
+      out["mfu"] = self.flops / dt / (self.peak * self.n_devices)
+    return out
 
 
-  t_start = time.time()
-  workdir = check_writable_dir(workdir)
-  tc = cfg.train
+def _step_batches(train_data, micro: int):
+  """Host batches of one step each (a leading micro-batch axis), epoch after epoch."""
+  it = iter(train_data)
+  while True:
+    parts = []
+    while len(parts) < micro:
+      try:
+        parts.append(next(it))
+      except StopIteration:
+        it = iter(train_data)  # next epoch: pipelines re-shuffle deterministically per epoch
+        batch = next(it, None)
+        if batch is None:
+          raise UserError("the training data yields no batch") from None
+        parts.append(batch)
+    yield _stack_micro(parts)
+
+
+def _num_steps(tc, train_data) -> int:
   if tc.batch_size % max(1, tc.grad_accum):
-    raise UserError(f"train.batch_size {tc.batch_size} is not divisible by train.grad_accum {tc.grad_accum}")
-  data_factory = data_factory or default_data_factory
-  model_path = init_from or cfg.model.path or None
-  train_data = data_factory(cfg, "train", model_path)
-  num_steps = int(tc.num_steps)
+    raise UserError(f"train.batch_size {tc.batch_size} is not divisible by train.grad_accum "
+                    f"{tc.grad_accum}")
   if tc.get("num_epochs", 0) and hasattr(train_data, "steps_per_epoch"):
     per_epoch = train_data.steps_per_epoch(tc.grad_accum)
     num_steps = int(math.ceil(tc.num_epochs * per_epoch))
-    log.info("%g epochs of %d steps: %d steps (train.num_epochs overrides train.num_steps; set it to 0 to "
-             "count steps)", tc.num_epochs, per_epoch, num_steps)
-  setup = Setup(cfg, num_steps=num_steps, model_factory=model_factory, init_from=init_from, devices=devices)
-  primary = jax.process_index() == 0
+    log.info("%g epochs of %d steps: %d steps (train.num_epochs overrides train.num_steps; set it "
+             "to 0 to count steps)", tc.num_epochs, per_epoch, num_steps)
+    return num_steps
+  return int(tc.num_steps)
 
-  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
-  restored = ckpt.restore_latest(setup.abstract_state(), set_aside=True)  # a damaged newest step: the one before
-  resumed_from = None
+
+def _restore_or_init(setup: Setup, ckpt: Checkpointer, train_data) -> tuple[dict, int | None]:
+  """(state, step resumed from or None): the latest readable checkpoint (and the input
+  iterator's position), else step 0 from the HF weights or a random init."""
+  restored = ckpt.restore_latest(setup.abstract_state(), set_aside=True)
   if restored is not None:
     latest, state, data_state = restored
     if data_state and hasattr(train_data, "set_state"):
       train_data.set_state(data_state)
-    resumed_from = int(latest)
     log.info("resumed from %s at step %d", ckpt.directory, latest)
-  else:
-    source = None
-    if setup.spec is not None and setup.spec.has_weights():
-      log.info("initialising from %s", setup.spec.path)
-      source = setup.spec.load()
-    state = setup.fresh_state(source)
-    del source
-  start = int(jax.device_get(state["step"]))
+    return state, int(latest)
+  source = None
+  if setup.spec is not None and setup.spec.has_weights():
+    log.info("initialising from %s", setup.spec.path)
+    source = setup.spec.load()
+  return setup.fresh_state(source), None
 
+
+def _checked_loss(step: int, metrics: dict, ckpt: Checkpointer) -> float:
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    good = ckpt.latest_step()
+    where = f"is step {good} in {ckpt.directory}" if good is not None else \
+        "does not exist (none saved yet)"
+    raise UserError(f"step {step}: loss is {loss}; stopping. The last good checkpoint {where}")
+  return loss
+
+
+def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None,
+          model_factory: Callable | None = None, data_factory: Callable | None = None,
+          progress: bool = True, devices=None) -> dict:
+  """Trains (or resumes) a reward model in `workdir`; returns a summary dict.
+
+  `model_factory(seed) -> RewardModel` and `data_factory(cfg, split, model_path)` replace the
+  configured model / input pipeline (tests, custom models); `split` is "train" or "eval".
+  `devices` restricts the mesh to some of the devices (default: all).
+
+  The device is never waited for inside a step: a step's loss is read (and checked for NaN/inf)
+  after the next step has been dispatched, and every log, checkpoint and evaluation step reads
+  its own loss first, so nothing is saved from a diverged state.
+  """
+  t_start = time.time()
+  workdir = check_writable_dir(workdir)
+  tc = cfg.train
+  data_factory = data_factory or default_data_factory
+  model_path = init_from or cfg.model.path or None
+  train_data = data_factory(cfg, "train", model_path)
+  num_steps = _num_steps(tc, train_data)
+  setup = Setup(cfg, num_steps=num_steps, model_factory=model_factory, init_from=init_from,
+                devices=devices)
+  primary = jax.process_index() == 0
+  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
+  state, resumed_from = _restore_or_init(setup, ckpt, train_data)
+  start = int(jax.device_get(state["step"]))
   if primary:
+    params, frozen = setup.abstract_parts[:2]
     write_manifest(workdir / "manifest.json", build_manifest(cfg, workdir=workdir, mesh=setup.mesh, extra={
         "num_steps": num_steps, "resumed_from": resumed_from,
         "init_from": str(Path(model_path).resolve()) if model_path else None,
-        "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_parts[:2])),
-        "num_trainable_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_parts[0])),
+        "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves((params, frozen))),
+        "num_trainable_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
     }))
   metrics_log = mx.MetricsLog(workdir / "metrics.jsonl", resume_step=start, enabled=primary)
-  tb = mx.TensorBoardWriter(workdir / "tensorboard") if primary and cfg.train.get("tensorboard", True) else None
-
-  flops_spec = _model_flops_spec(setup, state)
-  peak = cfg.train.get("peak_flops", 0.0) or mx.peak_flops_per_device(setup.mesh.devices.flat[0])
+  tb = mx.TensorBoardWriter(workdir / "tensorboard") if primary and tc.get("tensorboard", True) \
+      else None
+  peak = tc.get("peak_flops", 0.0) or mx.peak_flops_per_device(setup.mesh.devices.flat[0])
+  throughput = _Throughput(_model_flops_spec(setup, state), peak, setup.mesh.devices.size)
   fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+  log_every, micro = max(1, tc.log_every), max(1, int(tc.grad_accum))
 
   def run_eval(step: int) -> dict | None:
     if not cfg.data.eval:
       return None
     result = evaluate(setup, state, data_factory(cfg, "eval", model_path))
-    rec = {"step": step, "split": "eval", **result}
-    metrics_log.write(rec)
+    metrics_log.write({"step": step, "split": "eval", **result})
     if tb:
       tb.scalars(step, result, prefix="eval/")
     if primary:
-      log.info("eval @ step %d: loss %.4f  accuracy %.4f  (%d pairs)", step, result.get("loss", float("nan")),
-               result.get("accuracy", float("nan")), result.get("count", 0))
+      log.info("eval @ step %d: loss %.4f  accuracy %.4f  (%d pairs)", step,
+               result.get("loss", float("nan")), result.get("accuracy", float("nan")),
+               result.get("count", 0))
     return result
 
-  bar = None
-  if primary and progress:
-    from tqdm import tqdm
-    bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False)
+  bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+             leave=False) if primary and progress else None
 
-  it = iter(train_data)
+  def show_loss(step: int, metrics: dict) -> None:
+    loss = _checked_loss(step, metrics, ckpt)
+    if bar:
+      bar.update(step - bar.n)
+      bar.set_postfix(loss=f"{loss:.4f}")
+
+  batches = _step_batches(train_data, micro)
   last: dict = {}
   last_eval = None
-  window_tokens, window_steps, window_flops, window_t = 0, 0, 0.0, time.time()
-  k = max(1, int(tc.grad_accum))
+  pending = None  # (step, metrics) of the last step whose loss has not been read yet
   try:
     for step in range(start + 1, num_steps + 1):
-      micro = []
-      for _ in range(k):
-        try:
-          micro.append(next(it))
-        except StopIteration:
-          it = iter(train_data)  # next epoch: pipelines re-shuffle deterministically per epoch
-          micro.append(next(it))
-      host = _stack_micro(micro)
-      rows = host["input_ids"].shape[-2]
-      window_tokens += int(host["attention_mask"].sum()) if "attention_mask" in host else host["input_ids"].size
-      patches = int((host["vision_segment_ids"] > 0).sum()) if "vision_segment_ids" in host else 0
-      window_flops += k * mx.step_flops(flops_spec, rows, host["input_ids"].shape[-1], patches // k)
+      host = next(batches)
+      throughput.add(host, micro)
       state, m = setup.trainer.train_step(state, shd.put_batch(host, setup.mesh, leading=1))
-      loss = float(m["loss"])
-      window_steps += 1
-      if step == start + 1 and step % max(1, tc.log_every):  # compile time is not throughput
-        window_tokens, window_steps, window_flops, window_t = 0, 0, 0.0, time.time()
-      if not math.isfinite(loss):
-        good = ckpt.latest_step()
-        raise UserError(f"step {step}: loss is {loss}; stopping. The last good checkpoint "
-                        + (f"is step {good} in {ckpt.directory}" if good is not None else "does not exist (none saved yet)"))
-      if bar:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-      if step % max(1, tc.log_every) == 0 or step == num_steps:
-        vals = _to_float(m)
-        dt = max(time.time() - window_t, 1e-9)
-        vals["tokens_per_s"] = window_tokens / dt
-        vals["steps_per_s"] = window_steps / dt
-        if peak:
-          vals["mfu"] = window_flops / dt / (peak * setup.mesh.devices.size)
+      if step == start + 1 and step % log_every:  # compile time is not throughput
+        throughput.reset()
+      if pending:
+        show_loss(*pending)
+      pending = (step, m)
+      is_log = step % log_every == 0 or step == num_steps
+      is_ckpt = step % max(1, tc.checkpoint_every) == 0 or step == num_steps
+      is_eval = bool(tc.eval_every) and step % tc.eval_every == 0 and step != num_steps
+      if not (is_log or is_ckpt or is_eval or step == fault_step):
+        continue
+      show_loss(step, m)
+      pending = None
+      if is_log:
+        vals = {**_to_float(m), **throughput.rates()}
         last = {"step": step, **vals}
         metrics_log.write(last)
         if tb:
@@ -330,22 +388,23 @@ def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None, mode
         if primary:
           line = mx.format_console(step, num_steps, vals)
           (bar.write(line) if bar else log.info(line))
-        window_tokens, window_steps, window_flops, window_t = 0, 0, 0.0, time.time()
-      if step % max(1, tc.checkpoint_every) == 0 or step == num_steps:
+        throughput.reset()
+      if is_ckpt:
         ckpt.save(step, state, train_data.get_state() if hasattr(train_data, "get_state") else {})
-      if tc.eval_every and step % tc.eval_every == 0 and step != num_steps:
+      if is_eval:
         last_eval = run_eval(step)
-      if fault_step and step == fault_step:
+      if step == fault_step:
         ckpt.wait()
         os.kill(os.getpid(), signal.SIGKILL)
     if start < num_steps or last_eval is None:
       last_eval = run_eval(num_steps)
   finally:
-    # Release the tf.data iterator now, not at interpreter shutdown (where TF logs an error for it):
-    # tf.numpy_function keeps the pipeline's bound methods alive, so dropping our reference is not enough.
+    # Release the tf.data iterator now, not at interpreter shutdown (where TF logs an error for
+    # it): tf.numpy_function keeps the pipeline's bound methods alive.
+    batches.close()
     if hasattr(train_data, "close"):
       train_data.close()
-    it = train_data = None
+    batches = train_data = None
     if bar:
       bar.close()
     ckpt.close()

@@ -1,0 +1,102 @@
+"""Host time per train step outside the device computation, and whether the loop reads device
+values every step. Prints one JSON line.
+
+  python benchmarks/host_loop.py                 # bench-shaped batch (8 pairs x 1,024 tokens, 448² images)
+  python benchmarks/host_loop.py --pairs 2 --text 48 --img 56 --steps 5   # quick look
+
+The real `mrm_jax.train.loop.train` runs a tiny Qwen2-VL reward model on the same host batch every
+step (so the input pipeline's own cost is not counted; benchmarks/input_pipeline.py measures that),
+and the same jitted step runs alone on a batch already on the device. The difference of the two
+per-step times is what the loop adds: stacking, the host-to-device copy, dispatch and any wait on
+device values that keeps the next step from being dispatched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mrm_jax.config import base_config
+from mrm_jax.models import create_reward_model, get_family
+from mrm_jax.models.processor import collate
+from mrm_jax.train import sharding as shd
+from mrm_jax.train.loop import Setup, train
+
+import train_step as bench  # benchmarks/train_step.py: the synthetic bench-shaped examples
+
+
+def host_batch(cfg_model, pairs: int, text: int, img: int) -> dict:
+  examples, seq_len = bench.synthetic_examples(cfg_model, get_family("qwen2_vl"), 2 * pairs, text,
+                                               img)
+  return collate(examples, seq_len, merge_size=cfg_model.merge_size,
+                 patch_dim=cfg_model.vision.patch_dim, strength=np.zeros(pairs, np.float32))
+
+
+def config(pairs: int, steps: int):
+  cfg = base_config()
+  cfg.model.family, cfg.model.preset = "qwen2_vl", "tiny"
+  cfg.train.batch_size, cfg.train.num_steps = pairs, steps + 1
+  cfg.train.log_every = steps + 1  # one window: steps 2..N+1 (step 1 compiles)
+  cfg.train.checkpoint_every = 10 ** 6
+  cfg.train.tensorboard = False
+  cfg.data.eval = ""
+  return cfg
+
+
+def loop_step_seconds(cfg, batch: dict) -> float:
+  def model_factory(seed):
+    return create_reward_model("qwen2_vl", "tiny", nnx.Rngs(seed))
+
+  def data_factory(cfg, split, model_path):
+    return [batch] * 4 if split == "train" else []
+
+  with tempfile.TemporaryDirectory() as wd:
+    train(cfg, wd, model_factory=model_factory, data_factory=data_factory, progress=False)
+    last = [json.loads(x) for x in (Path(wd) / "metrics.jsonl").read_text().splitlines()][-1]
+  return 1.0 / last["steps_per_s"]
+
+
+def device_step_seconds(cfg, batch: dict, steps: int) -> float:
+  setup = Setup(cfg, num_steps=steps + 2,
+                model_factory=lambda seed: create_reward_model("qwen2_vl", "tiny", nnx.Rngs(seed)))
+  state = setup.fresh_state()
+  device_batch = shd.put_batch({k: np.asarray(v)[None] for k, v in batch.items()}, setup.mesh,
+                               leading=1)
+  state, m = setup.trainer.train_step(state, device_batch)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = setup.trainer.train_step(state, device_batch)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t) / steps
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--pairs", type=int, default=8)
+  p.add_argument("--text", type=int, default=768, help="text tokens per sequence besides the image's")
+  p.add_argument("--img", type=int, default=448, help="image side (one image per sequence)")
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  a = p.parse_args(argv)
+  cfg = config(a.pairs, a.steps)
+  model_cfg = get_family("qwen2_vl").PRESETS["tiny"]
+  batch = host_batch(model_cfg, a.pairs, a.text, a.img)
+  device = device_step_seconds(cfg, batch, a.steps)
+  loop = loop_step_seconds(cfg, batch)
+  print(json.dumps({
+      "benchmark": "host_loop", "backend": jax.default_backend(), "devices": jax.device_count(),
+      "pairs": a.pairs, "seq": int(batch["input_ids"].shape[1]),
+      "batch_mb": round(sum(np.asarray(v).nbytes for v in batch.values()) / 2 ** 20, 1),
+      "loop_step_s": round(loop, 4), "device_step_s": round(device, 4),
+      "host_s_per_step": round(max(loop - device, 0.0), 4)}))
+
+
+if __name__ == "__main__":
+  main()
