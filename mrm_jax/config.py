@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_root = ""            # default: each file's folder
   c.data.max_seq_len = 1024
   c.data.seq_buckets = ()           # static sequence lengths; empty = (max_seq_len,)
+  c.data.length_group = 0           # batches per length-sorted group (data/ordering.py); 0 = off
   c.data.max_pixels = 448 * 448
   c.data.min_pixels = 56 * 56
   c.data.patch_budget = 0           # vision patches per batch; 0 = derived from max_pixels
@@ -83,7 +84,11 @@ def paper_config(family: str, preset: str, *, grad_accum: int, topology: str | N
   c.model.freeze_vision = True
   c.model.remat = "full"
   c.data.max_seq_len = 2048
-  c.data.seq_buckets = (512, 1024, 2048)
+  # Pairs of similar length batched together, into buckets 128 tokens apart: a batch pads to its
+  # own longest pair, not to the next power of two (DESIGN's 512/1024/2048 wasted half the tokens
+  # on DT2IT-like data; benchmarks/RESULTS.md). 15 static shapes to compile.
+  c.data.seq_buckets = tuple(range(256, 2049, 128))
+  c.data.length_group = 32
   c.train.num_epochs = 1
   c.train.batch_size = 512          # pairs per optimizer step, all devices together
   c.train.grad_accum = grad_accum   # micro-batches of batch_size / grad_accum pairs
@@ -205,6 +210,7 @@ NUMERIC_KEYS: dict[str, tuple[str, str]] = {
     "data.max_pixels": ("int", ">= 1"),
     "data.min_pixels": ("int", ">= 1"),
     "data.patch_budget": ("int", ">= 0"),
+    "data.length_group": ("int", ">= 0"),
     "data.max_skip_rate": ("float", "within [0, 1]"),
     "data.num_workers": ("int", ">= 1"),
     "train.num_steps": ("int", ">= 0"),

@@ -310,3 +310,65 @@ def test_video_folder_pairs_reach_the_processor_as_frame_lists(tmp_path, process
   enc = processor.encode({"videos": [frames], "question": "What happens?", "answer": "It turns red."}, tmp_path, 256)
   np.testing.assert_array_equal(b["input_ids"][0, :enc.length], enc.input_ids)
   assert (enc.input_ids == processor.config.video_token_id).sum() > 0
+
+
+# ------------------------------------------------------------------ length-grouped batches
+
+
+def test_length_groups_by_hand():
+  from mrm_jax.data.ordering import epoch_order
+  lengths = np.array([5, 1, 9, 3, 7, 2, 8, 4])
+  # shuffle off: groups of 2 batches of 2 in file order, each group sorted longest first
+  order = epoch_order(8, seed=0, epoch=0, shuffle=False, lengths=lengths, batch_size=2, group_batches=2)
+  np.testing.assert_array_equal(order, [2, 0, 3, 1, 6, 4, 7, 5])
+  # shuffled: the same construction on the seeded permutation, then the batches in a seeded order
+  perm = np.random.default_rng([3, 1]).permutation(8)
+  groups = [g[np.argsort(-lengths[g], kind="stable")] for g in (perm[:4], perm[4:])]
+  batches = np.concatenate(groups).reshape(4, 2)[np.random.default_rng([3, 1, 1]).permutation(4)]
+  got = epoch_order(8, seed=3, epoch=1, lengths=lengths, batch_size=2, group_batches=2)
+  np.testing.assert_array_equal(got, batches.ravel())
+  assert sorted(got.tolist()) == list(range(8))
+  # a remainder shorter than a batch stays at the end; no grouping = the plain permutation
+  tail = epoch_order(9, seed=0, epoch=0, shuffle=False, lengths=np.arange(9), batch_size=2, group_batches=2)
+  assert sorted(tail.tolist()) == list(range(9)) and tail[-1] == 8
+  np.testing.assert_array_equal(epoch_order(8, seed=3, epoch=1, lengths=lengths, batch_size=2),
+                                np.random.default_rng([3, 1]).permutation(8))
+
+
+def test_length_grouping_cuts_padding_and_resumes_exactly(tmp_path):
+  f = _world(tmp_path, n=40)
+  entries = pl.load_entries(f)
+  lengths = [len(e.record["question"]) + 6 for e in entries]  # the toy encoder's token count
+  padded = {}
+  for group in (0, 5):
+    p = _pipe(f, lengths=lengths, group_batches=group, seq_lens=tuple(range(8, 65, 8)), num_epochs=3)
+    batches = list(p)
+    real = sum(int((b["input_ids"] > 0).sum()) for b in batches)
+    padded[group] = sum(b["input_ids"].size for b in batches) / real
+    assert sorted(r for b in batches[:10] for r in b["rid"][:4].tolist()) == list(range(40))
+  assert padded[5] < 0.85 * padded[0], padded  # 1.49 -> 1.23 tokens per real token
+  ref = _pipe(f, lengths=lengths, group_batches=5)
+  _take(ref, 4)
+  state = ref.get_state()
+  tail = _take(ref, 8)
+  resumed = _pipe(f, lengths=lengths, group_batches=5)
+  resumed.set_state(state)
+  _same(_take(resumed, 8), tail)
+
+
+def test_estimated_lengths_track_the_encoded_ones(tmp_path, processor):
+  from mrm_jax.data.records import pair_to_scoring
+  from mrm_jax.train.data import estimate_lengths
+  f, recs = _real_world(tmp_path)
+  entries = pl.load_entries(f)
+  est = estimate_lengths(entries, processor)
+  assert est[4] > 0  # a broken image still has a header-less estimate: its text
+  offsets = []
+  for k, e in enumerate(entries):
+    if k == 4:
+      continue
+    pair, _ = pl.check_pair(e)
+    rows = [processor.encode(r, e.image_root, 10_000) for r in pair_to_scoring(pair)]
+    # the chat template's constant tokens, plus the vision start/end markers of each image
+    offsets.append(max(r.length for r in rows) - int(est[k]) - 2 * len(pair["images"]))
+  assert max(offsets) - min(offsets) <= 2, offsets

@@ -1,7 +1,8 @@
 """The training input pipeline: pair files → static-shape pair batches, deterministic and resumable.
 
 Order. Epoch e visits the N records in the order `permutation(N)` drawn by numpy from
-`(seed, e)` (or file order with `shuffle=False`). Host h of H takes every H-th entry of that
+`(seed, e)` (or file order with `shuffle=False`), grouped by length when asked
+(`mrm_jax.data.ordering`). Host h of H takes every H-th entry of that
 order, `order[h::H]`: the hosts' shards are disjoint and together cover the data, whatever N.
 Each host walks its shard and cuts batches of `batch_size // H` pairs; batches run on across
 epoch boundaries (so every host always has a next batch: multi-host steps stay in lockstep).
@@ -37,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from mrm_jax.data.ordering import epoch_order
 from mrm_jax.data.records import normalize_pair, resolve_image
 from mrm_jax.errors import UserError, at
 from mrm_jax.io import is_json_list, read_json_or_jsonl, scan_jsonl
@@ -143,6 +145,8 @@ class PairPipeline:
   length_fn(example) -> tokens; patches_fn(example) -> vision patches (for bucketing).
   patch_budgets: the allowed vision-patch counts per batch; None = the next power of two (at
     least 16) of what the batch needs (few distinct shapes without any configuration).
+  lengths, group_batches: estimated tokens per entry and the batches per length group of
+    `mrm_jax.data.ordering.epoch_order` (0 = no grouping).
   """
 
   def __init__(self, entries: Sequence[Entry], *, encode_fn: Callable, collate_fn: Callable,
@@ -150,7 +154,8 @@ class PairPipeline:
                seq_lens: Sequence[int], patch_budgets: Sequence[int] | None = None, seed: int = 0,
                shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                process_count: int = 1, max_skip_rate: float = 0.01, min_checked: int = 100,
-               num_parallel_calls: int = 4, prefetch: int = 2):
+               num_parallel_calls: int = 4, prefetch: int = 2, lengths: Sequence[int] | None = None,
+               group_batches: int = 0):
     if not entries:
       raise UserError("the training data holds no records")
     if batch_size % process_count:
@@ -165,6 +170,7 @@ class PairPipeline:
     self.patch_budgets = tuple(sorted(patch_budgets)) if patch_budgets else None
     self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
     self.process_index, self.process_count = process_index, process_count
+    self.lengths, self.group_batches = lengths, int(group_batches)
     self.max_skip_rate, self.min_checked = float(max_skip_rate), int(min_checked)
     self.num_parallel_calls, self.prefetch = max(1, int(num_parallel_calls)), max(1, int(prefetch))
     self.shard_len = len(range(process_index, len(self.entries), process_count))
@@ -181,8 +187,9 @@ class PairPipeline:
   # ------------------------------------------------------------------ order and state
   def shard(self, epoch: int) -> np.ndarray:
     """The record indices this host reads in `epoch`, in order."""
-    n = len(self.entries)
-    order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+    order = epoch_order(len(self.entries), seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                        lengths=self.lengths, batch_size=self.local_batch * self.process_count,
+                        group_batches=self.group_batches)
     return order[self.process_index::self.process_count]
 
   def get_state(self) -> dict:

@@ -17,12 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 
 from mrm_jax.data import pipeline as pl
-from mrm_jax.data.records import pair_to_scoring
+from mrm_jax.data.records import normalize_pair, pair_to_scoring, resolve_image
 from mrm_jax.errors import UserError
 from mrm_jax.models import hf_io
-from mrm_jax.models.processor import Processor
+from mrm_jax.models.processor import Processor, smart_resize
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,19 @@ class TrainData:
     self.entries = _entries(cfg, cfg.data.train)
     micro = cfg.train.batch_size // max(1, cfg.train.grad_accum)
     self.micro_batch = micro
+    group = int(cfg.data.get("length_group", 0))
+    lengths = None
+    if group > 1:
+      lengths = estimate_lengths(self.entries, processor)
+      log.info("length-grouped batches: %d pairs, groups of %d batches, estimated tokens %d..%d",
+               len(lengths), group, int(lengths.min()), int(lengths.max()))
     self.pipeline = pl.PairPipeline(
         self.entries, encode_fn=processor.encode, collate_fn=processor.collate,
         length_fn=lambda e: e.length, patches_fn=lambda e: e.num_patches, batch_size=micro,
         seq_lens=seq_lens(cfg), patch_budgets=patch_budgets(cfg), seed=int(cfg.seed),
         shuffle=bool(cfg.data.shuffle), num_epochs=None, process_index=0, process_count=1,
-        max_skip_rate=cfg.data.max_skip_rate, num_parallel_calls=cfg.data.num_workers)
+        max_skip_rate=cfg.data.max_skip_rate, num_parallel_calls=cfg.data.num_workers,
+        lengths=lengths, group_batches=group)
 
   def steps_per_epoch(self, grad_accum: int = 1) -> int:
     return max(1, len(self.entries) // (self.micro_batch * max(1, grad_accum)))
@@ -155,3 +163,39 @@ def default_data_factory(cfg, split: str, model_path: str | None):
   if split == "train":
     return TrainData(cfg, processor)
   return eval_batches(cfg, processor)
+
+
+def _image_tokens(path, settings: dict) -> int:
+  with Image.open(path) as im:  # reads the header only
+    width, height = im.size
+  patch, merge = int(settings["patch_size"]), int(settings["merge_size"])
+  h, w = smart_resize(height, width, factor=patch * merge, min_pixels=int(settings["min_pixels"]),
+                      max_pixels=int(settings["max_pixels"]))
+  return (h // patch) * (w // patch) // merge ** 2
+
+
+def estimate_lengths(entries, processor) -> np.ndarray:
+  """Tokens of each pair's longer row, as the processor will encode it up to the chat template's
+  few constant tokens: text tokens plus each image's tokens from its header's size. Records that
+  cannot be read get 0 (the pipeline skips them when it reaches them)."""
+  texts, images, where = [], [], []
+  for k, entry in enumerate(entries):
+    try:
+      pair = normalize_pair(entry.record, entry.where)
+      paths = [resolve_image(p, entry.image_root, entry.where) for p in pair.get("images") or []]
+    except (UserError, TypeError, AttributeError):
+      continue
+    longer = max(pair["chosen"], pair["rejected"], key=len)
+    texts.append((pair.get("system") or "") + pair["question"] + longer)
+    images.append(paths)
+    where.append(k)
+  lengths = np.zeros(len(entries), np.int64)
+  if not texts:
+    return lengths
+  ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+  for k, tokens, paths in zip(where, ids, images):
+    try:
+      lengths[k] = len(tokens) + sum(_image_tokens(p, processor.image_settings) for p in paths)
+    except (OSError, ValueError, UserError):
+      lengths[k] = len(tokens)
+  return lengths
