@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_seq_len = 1024
   c.data.seq_buckets = ()           # static sequence lengths; empty = (max_seq_len,)
   c.data.length_group = 0           # batches per length-sorted group (data/ordering.py); 0 = off
+  c.data.image_preprocess = "auto"  # auto | transformers | llamafactory (models/processor.py)
+  c.data.template = "model"         # model (the tokenizer's) | qwen2_vl | qwen3_vl | qwen3_vl_nothink
   c.data.max_pixels = 448 * 448
   c.data.min_pixels = 56 * 56
   c.data.patch_budget = 0           # vision patches per batch; 0 = derived from max_pixels
@@ -256,8 +258,21 @@ def _numeric_error(value, kind: str, rule: str) -> str | None:
   return None
 
 
+# Keys that name one of a few settings.
+CHOICE_KEYS: dict[str, tuple[str, ...]] = {
+    "model.remat": ("none", "full", "dots"),
+    "data.image_preprocess": ("auto", "transformers", "llamafactory"),
+    "data.template": ("model", "qwen2_vl", "qwen3_vl", "qwen3_vl_nothink"),
+}
+
+
 def validate_config(cfg, source: str = "config") -> None:
-  """Checks the numeric keys of NUMERIC_KEYS and the mesh sizes; a UserError naming the first bad key."""
+  """Checks the keys of NUMERIC_KEYS and CHOICE_KEYS and the mesh sizes; a UserError naming the
+  first bad key."""
+  for key, choices in CHOICE_KEYS.items():
+    value = _lookup(cfg, key)
+    if value is not None and value not in choices:
+      raise UserError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
   for key, (kind, rule) in NUMERIC_KEYS.items():
     value = _lookup(cfg, key)
     if value is not None and (problem := _numeric_error(value, kind, rule)):

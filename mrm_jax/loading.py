@@ -10,27 +10,30 @@ import os
 from pathlib import Path
 
 from mrm_jax.errors import UserError
-from mrm_jax.models import hf_io, load_reward_model
+from mrm_jax.models import hf_io
 from mrm_jax.models.processor import Processor
-from mrm_jax.train import checkpoint
 from mrm_jax.train.loop import load_model_from_workdir
 
 PathLike = str | os.PathLike
 
 
 def is_training_workdir(path: PathLike) -> bool:
-  path = Path(path)
-  return (path / "manifest.json").is_file() and checkpoint.has_checkpoint(path)
+  """A folder `mrm-jax train` wrote (its manifest names the run's config; checkpoints may be
+  missing or broken, which loading then reports)."""
+  return (Path(path) / "manifest.json").is_file()
 
 
 def load_model(path: PathLike, *, dtype: str = "float32", devices=None, min_pixels: int | None = None,
-               max_pixels: int | None = None, processor_dir: PathLike | None = None):
+               max_pixels: int | None = None, processor_dir: PathLike | None = None,
+               image_preprocess: str | None = None, template: str | None = None):
   """`(RewardModel, Processor)` from an HF directory or a training workdir.
 
   Pixel limits left `None` come from the model directory's processor files (HF) or from the run's
   `data.min_pixels` / `data.max_pixels` (workdir), so a model sees images as it was trained.
   `processor_dir` is where a workdir's tokenizer comes from when its run did not start from an HF
-  directory. `devices` (workdir only) restricts the mesh the parameters are restored onto."""
+  directory. `devices` (workdir only) restricts the mesh the parameters are restored onto.
+  `image_preprocess` / `template` left `None` are the run's `data.image_preprocess` /
+  `data.template` (workdir), or the HF directory's defaults (`Processor.from_pretrained`)."""
   path = Path(path)
   if not path.exists():
     raise UserError(f"{path}: no such model (an HF directory or a training workdir)")
@@ -42,13 +45,13 @@ def load_model(path: PathLike, *, dtype: str = "float32", devices=None, min_pixe
                       f"unknown; export it (mrm-jax export) next to a tokenizer, or pass one")
     min_pixels = int(run_cfg.data.min_pixels) if min_pixels is None else min_pixels
     max_pixels = int(run_cfg.data.max_pixels) if max_pixels is None else max_pixels
-  elif (path / "manifest.json").is_file():
-    raise UserError(f"{path}: a training workdir without a checkpoint yet (nothing under "
-                    f"{path / checkpoint.CHECKPOINT_DIR})")
+    image_preprocess = image_preprocess or run_cfg.data.get("image_preprocess", None)
+    template = template or run_cfg.data.get("template", None)
   else:
-    return load_reward_model(path, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+    model, source = hf_io.load_hf(path, dtype=dtype), path
   processor = Processor.from_pretrained(source, model.family, model.config, min_pixels=min_pixels,
-                                        max_pixels=max_pixels)
+                                        max_pixels=max_pixels, image_preprocess=image_preprocess,
+                                        template=template)
   return model, processor
 
 

@@ -160,7 +160,8 @@ def test_demo_world(tmp_path):
   truth = {}
   for line in (w / "world_truth.jsonl").read_text().splitlines():
     t = json.loads(line)
-    truth[(tuple(t["images"]), t["question"], t["answer"])] = t["correct"]
+    # the pairs lie one folder above the candidates, so their image paths are rebased onto it
+    truth[(tuple(f"w/{i}" for i in t["images"]), t["question"], t["answer"])] = t["correct"]
   decided = [(truth[(tuple(p["images"]), p["question"], p["chosen"])],
               truth[(tuple(p["images"]), p["question"], p["rejected"])]) for p in pairs]
   informative = [c for c, r in decided if c != r]

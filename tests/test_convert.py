@@ -11,6 +11,7 @@ from PIL import Image
 
 from mrm_jax import cli
 from mrm_jax.construct import convert as convert_lib
+from mrm_jax.data import records
 from mrm_jax.errors import UserError
 
 LF_RECORDS = [
@@ -41,7 +42,8 @@ def test_llamafactory_canonical_llamafactory_round_trip(tmp_path, as_list):
                           "system": "You judge images.", "meta": {"llamafactory": {"tag": {"round": 1}}}}
   assert cli.main(["convert", "--input", str(tmp_path / "c.jsonl"), "--from", "canonical",
                    "--output", str(tmp_path / "back.jsonl"), "--format", "llamafactory"]) == 0
-  assert _read(tmp_path / "back.jsonl") == LF_RECORDS
+  # `system` is always written ("" = none), so a dataset_info.json mapping it works on every file
+  assert _read(tmp_path / "back.jsonl") == [{**r, "system": r.get("system", "")} for r in LF_RECORDS]
 
 
 def test_llamafactory_output_adds_missing_placeholders(tmp_path):
@@ -125,3 +127,68 @@ def test_t2i_native_format_becomes_balanced_two_image_pairs(tmp_path):
     assert p["chosen"].startswith(f"Image {pos} is better") and p["rejected"].startswith(f"Image {3 - pos} is better")
     firsts += pos == 1
   assert firsts in (1, 2)  # floor(3/2) or ceil(3/2) shown first
+
+
+CANONICAL_PAIRS = [
+    {"id": "c1", "images": ["img/a.png"], "question": "<image>Which colour?", "chosen": "Red.",
+     "rejected": "Blue.", "strength": 1.75, "source": "debiased", "meta": {"candidate": "x", "n": [1, 2]}},
+    {"id": "c2", "images": ["img/a.png", "img/b.png"], "system": "S", "question": "Compare.",
+     "chosen": "A", "rejected": "B", "flipped": True, "meta": {"llamafactory": {"tag": 1}, "k": 2}},
+    {"id": "", "images": [], "system": "", "question": "Text only", "chosen": "y", "rejected": "n"},
+]
+
+
+def test_canonical_llamafactory_canonical_is_lossless(tmp_path):
+  """strength / source / meta / any other field travel in a side field LLaMA-Factory drops; every
+  record has `system`; placeholders added for LLaMA-Factory are taken off again."""
+  src = tmp_path / "c.jsonl"
+  src.write_text("".join(json.dumps(r) + "\n" for r in CANONICAL_PAIRS))
+  lf = tmp_path / "lf.jsonl"
+  assert cli.main(["convert", "--input", str(src), "--from", "canonical", "--output", str(lf),
+                   "--format", "llamafactory"]) == 0
+  recs = _read(lf)
+  assert [r["system"] for r in recs] == ["", "S", ""]
+  assert recs[1]["conversations"][0]["value"] == "<image><image>Compare." and recs[1]["tag"] == 1
+  assert all(isinstance(r[records.SIDE_FIELD], str) for r in recs)  # one string column for Arrow
+  assert json.loads(recs[0][records.SIDE_FIELD]) == {"strength": 1.75, "source": "debiased",
+                                                     "meta": {"candidate": "x", "n": [1, 2]}}
+  back = tmp_path / "back.jsonl"
+  assert cli.main(["convert", "--input", str(lf), "--from", "llamafactory", "--output", str(back)]) == 0
+  assert _read(back) == CANONICAL_PAIRS
+  assert records.read_pairs(lf) == CANONICAL_PAIRS
+
+
+def test_side_field_must_be_json_object_text(tmp_path):
+  rec = dict(LF_RECORDS[0], mrm_jax="[1]")
+  with pytest.raises(UserError, match="r:1: field 'mrm_jax' should be the JSON text of an object"):
+    records.normalize_pair(rec, "r:1")
+  with pytest.raises(UserError, match="field 'strength'"):
+    records.normalize_pair(dict(LF_RECORDS[0], mrm_jax='{"strength": "big"}'), "r:1")
+
+
+@pytest.mark.parametrize("fmt", ["canonical", "llamafactory"])
+def test_output_in_another_folder_rebases_image_paths(tmp_path, fmt):
+  data = tmp_path / "data"
+  (data / "img").mkdir(parents=True)
+  src = data / "raw" / "c.jsonl"
+  src.parent.mkdir()
+  pair = dict(CANONICAL_PAIRS[1], images=["../img/a.png", "b.png"])
+  src.write_text(json.dumps(pair) + "\n")
+  out = data / "pairs.jsonl"
+  assert cli.main(["convert", "--input", str(src), "--from", "canonical", "--output", str(out),
+                   "--format", fmt]) == 0
+  (rec,) = records.read_pairs(out)
+  assert rec["images"] == ["img/a.png", "raw/b.png"]
+  assert [(data / p).resolve() for p in rec["images"]] == [(src.parent / p).resolve() for p in pair["images"]]
+
+
+def test_output_outside_the_images_folder_is_refused(tmp_path, capsys):
+  src = tmp_path / "in" / "c.jsonl"
+  src.parent.mkdir()
+  src.write_text(json.dumps(CANONICAL_PAIRS[0]) + "\n")
+  out = tmp_path / "elsewhere" / "pairs.jsonl"
+  out.parent.mkdir()
+  assert cli.main(["convert", "--input", str(src), "--from", "canonical", "--output", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert f"{out}: image 'img/a.png'" in err and "outside the output's folder" in err
+  assert not out.exists()

@@ -19,7 +19,7 @@ import jax
 import pytest
 
 from mrm_jax.config import load_config
-from mrm_jax.curate import loop
+from mrm_jax.demo import curation as loop
 from mrm_jax.data.records import score_key
 from mrm_jax.errors import UserError
 
@@ -206,7 +206,7 @@ import sys
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 from mrm_jax.config import load_config
-from mrm_jax.curate.loop import run_curation
+from mrm_jax.demo.curation import run_curation
 run_curation(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], progress=False, devices=jax.devices()[:1])
 """
 

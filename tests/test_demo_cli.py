@@ -43,7 +43,7 @@ def test_config_overrides_apply_to_the_demo_config():
 def test_demo_arguments_default_to_the_full_pipeline():
   import argparse
 
-  from mrm_jax.demo import cli
+  from mrm_jax.commands import demo as cli
   p = argparse.ArgumentParser()
   cli.add_arguments(p)
   args = p.parse_args([])

@@ -17,7 +17,7 @@ import jax
 
 from mrm_jax.construct.pairs import construct_files
 from mrm_jax.construct.t2i import read_generic, reformulate
-from mrm_jax.curate.loop import curate_config
+from mrm_jax.curate.config import curate_config
 from mrm_jax.demo.config import load_demo_config
 from mrm_jax.demo.world import generate_world
 from mrm_jax.io import write_jsonl

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from mrm_jax.cli import main
-from mrm_jax.curate import loop
+from mrm_jax.demo import curation as loop
 from mrm_jax.demo.config import load_demo_config
 from mrm_jax.demo.world import ensure_world
 from mrm_jax.demo.pipeline import run_demo

@@ -154,7 +154,7 @@ def test_no_restorable_checkpoint_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("text", ["{\"key\": ", "[]", '{"key": "k", "outputs": {"pairs": 5}}'])
 def test_malformed_stage_manifest_names_the_file(tmp_path, text):
-  from mrm_jax.curate.loop import _Stage
+  from mrm_jax.stages import Stage as _Stage
   stage = _Stage(tmp_path / "flip", "round_0/flip", {}, {})
   (tmp_path / "flip").mkdir()
   stage.manifest_path.write_text(text)

@@ -111,7 +111,11 @@ def test_export_loads_in_transformers_and_back(hf_dir, tmp_path):
   assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
   head = load_file(str(out / "value_head.safetensors"))
   np.testing.assert_array_equal(head["v_head.summary.weight"], hf_dir["head"][0])
-  t = Qwen2VLForConditionalGeneration.from_pretrained(str(out)).eval()
+  t, info = Qwen2VLForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
+  t.eval()
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  base = load_file(str(hf_dir["dir"] / "model.safetensors"))
+  np.testing.assert_array_equal(t.lm_head.weight.detach().numpy(), base["lm_head.weight"])  # carried over
   h, r = mf.torch_hidden_and_rewards(t, (head["v_head.summary.weight"], head["v_head.summary.bias"]), hf_dir["batch"])
   np.testing.assert_allclose(h, hf_dir["ref_h"], atol=1e-5)
   np.testing.assert_allclose(r, hf_dir["ref_r"], atol=1e-5)
@@ -120,5 +124,6 @@ def test_export_loads_in_transformers_and_back(hf_dir, tmp_path):
   # sharded export with an index
   out2 = hf_io.export_hf(model, tmp_path / "sharded", max_shard_bytes=200_000, source_dir=hf_dir["dir"])
   assert (out2 / "model.safetensors.index.json").is_file() and not (out2 / "model.safetensors").exists()
+  assert "lm_head.weight" in json.loads((out2 / "model.safetensors.index.json").read_text())["weight_map"]
   again, _ = load_reward_model(out2)
   np.testing.assert_allclose(np.asarray(again(_jax_batch(hf_dir["batch"]))), hf_dir["ref_r"], atol=1e-4)

@@ -185,3 +185,139 @@ def test_broken_processor_files_name_the_file(tmp_path, name, content, message):
   (tmp_path / name).write_text(content)
   with pytest.raises(UserError, match=message.replace("(", r"\(")):
     Processor.from_pretrained(tmp_path, FAM, cfg)
+
+
+# -- LLaMA-Factory interop -------------------------------------------------------------------------
+
+def _tiny_dir(d, image_processor: dict | None, combined: bool):
+  """A tiny Qwen2-VL processor directory whose image settings live in preprocessor_config.json
+  (`combined=False`) or, as transformers 5 / LLaMA-Factory save them, nested in processor_config.json."""
+  import json
+  tok = mf.build_tokenizer(d)
+  cfg = qwen2_vl.Config.from_hf(mf.tiny_qwen2_vl_config(tok).to_dict())
+  if image_processor is not None:
+    if combined:
+      (d / "processor_config.json").write_text(json.dumps(
+          {"image_processor": image_processor, "video_processor": dict(image_processor, size={"shortest_edge": 784, "longest_edge": 5000}),
+           "processor_class": "Qwen2VLProcessor"}))
+    else:
+      (d / "preprocessor_config.json").write_text(json.dumps(image_processor))
+  return cfg
+
+
+def test_processor_config_json_nested_settings_are_read(tmp_path, caplog):
+  settings = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "merge_size": 2,
+              "temporal_patch_size": 2, "size": {"shortest_edge": 784, "longest_edge": 4096}}
+  cfg = _tiny_dir(tmp_path, settings, combined=True)
+  p = Processor.from_pretrained(tmp_path, FAM, cfg)
+  assert (p.image_settings["min_pixels"], p.image_settings["max_pixels"]) == (784, 4096)
+  assert p.video_settings["max_pixels"] == 5000
+  # preprocessor_config.json, when present, wins (transformers reads it first)
+  (tmp_path / "preprocessor_config.json").write_text('{"size": {"shortest_edge": 3136, "longest_edge": 9000}}')
+  assert Processor.from_pretrained(tmp_path, FAM, cfg).image_settings["max_pixels"] == 9000
+  (tmp_path / "preprocessor_config.json").unlink()
+  (tmp_path / "processor_config.json").write_text('{"image_processor": {"max_pixels": "big"}}')
+  with pytest.raises(UserError, match="processor_config.json: field 'max_pixels'"):
+    Processor.from_pretrained(tmp_path, FAM, cfg)
+  (tmp_path / "processor_config.json").write_text('{"image_processor": [1]}')
+  with pytest.raises(UserError, match="processor_config.json: field 'image_processor' should be an object"):
+    Processor.from_pretrained(tmp_path, FAM, cfg)
+
+
+def test_missing_processor_settings_warn_naming_the_files(tmp_path, caplog):
+  cfg = _tiny_dir(tmp_path, None, combined=False)
+  with caplog.at_level("WARNING"):
+    p = Processor.from_pretrained(tmp_path, FAM, cfg)
+  assert p.image_settings["max_pixels"] == FAM.IMAGE_DEFAULTS["max_pixels"]
+  assert "no preprocessor_config.json, nor processor_config.json" in caplog.text and str(tmp_path) in caplog.text
+
+
+@pytest.mark.parametrize("size,mode,after", [
+    ((1024, 768), "RGB", (886, 665)),   # above 768*768: shrunk by sqrt(589824 / 786432), sides truncated
+    ((200, 20), "RGB", (200, 28)),      # above 32*32 but a side under 28 px: that side stretched to 28
+    ((20, 20), "RGB", (32, 32)),        # under 32*32: enlarged to 32*32
+    ((30, 40), "RGBA", (30, 40)),       # alpha dropped by convert("RGB"), not composited on white
+])
+def test_llamafactory_image_regularisation_hand_checked(size, mode, after):
+  from mrm_jax.models.processor import llamafactory_image
+  rng = np.random.default_rng(1)
+  arr = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+  im = llamafactory_image(Image.fromarray(arr, mode))
+  assert im.mode == "RGB" and im.size == after
+  if mode == "RGBA":
+    np.testing.assert_array_equal(np.asarray(im), arr[..., :3])
+
+
+def test_llamafactory_mode_grids(tmp_path):
+  """1024x768 gets LLaMA-Factory's 48x64 patch grid (886x665 → smart_resize 672x896), which no
+  --max-pixels can give in transformers mode (46x62 at 768*768)."""
+  from mrm_jax.models.processor import llamafactory_image, open_image
+  settings = dict(FAM.IMAGE_DEFAULTS)
+  rng = np.random.default_rng(2)
+  Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+  im = open_image(tmp_path / "big.png")
+  _, thw = process_image(llamafactory_image(im), settings, backend="torchvision")
+  assert tuple(thw) == (1, 48, 64)
+  _, thw = process_image(im.convert("RGB"), dict(settings, max_pixels=768 * 768))
+  assert tuple(thw) == (1, 46, 62)
+  for size, grid in (((200, 20), (2, 14)), ((20, 20), (4, 4))):
+    _, thw = process_image(llamafactory_image(Image.new("RGB", size)), dict(settings), backend="torchvision")
+    assert tuple(thw) == (1,) + grid
+
+
+@pytest.mark.parametrize("src,dst", [((886, 665), (896, 672)), ((200, 28), (196, 28)), ((32, 32), (56, 56)),
+                                     ((3000, 2000), (1232, 812))])
+def test_fixed_point_bicubic_equals_pil_and_torchvision(src, dst):
+  """The numpy resize is PIL's bicubic bit for bit at PIL's precision, and torch's uint8 CPU kernel
+  (transformers' torchvision backend) at torch's, checked when torchvision is installed."""
+  from mrm_jax.models.processor import resize_bicubic_uint8
+  rng = np.random.default_rng(3)
+  arr = rng.integers(0, 256, (src[1], src[0], 3), dtype=np.uint8)
+  pil = np.asarray(Image.fromarray(arr).resize(dst, Image.BICUBIC))
+  np.testing.assert_array_equal(resize_bicubic_uint8(arr, dst[1], dst[0], precision=22), pil)
+  try:
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+  except ImportError:
+    return
+  tv = F.resize(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), [dst[1], dst[0]],
+                interpolation=InterpolationMode.BICUBIC, antialias=True).permute(1, 2, 0).numpy()
+  np.testing.assert_array_equal(resize_bicubic_uint8(arr, dst[1], dst[0]), tv)
+
+
+def test_llamafactory_output_directory_is_detected(tmp_path, caplog):
+  cfg = _tiny_dir(tmp_path, {"patch_size": 14}, combined=True)
+  assert Processor.from_pretrained(tmp_path, FAM, cfg).image_preprocess == "transformers"
+  (tmp_path / "README.md").write_text("---\ntags:\n- llama-factory\n- full\n---\n")
+  with caplog.at_level("WARNING"):
+    p = Processor.from_pretrained(tmp_path, FAM, cfg)
+  assert p.image_preprocess == "llamafactory" and "written by LLaMA-Factory" in caplog.text
+  assert Processor.from_pretrained(tmp_path, FAM, cfg, image_preprocess="transformers").image_preprocess == \
+      "transformers"
+  with pytest.raises(UserError, match="unknown image preprocessing 'x'"):
+    Processor.from_pretrained(tmp_path, FAM, cfg, image_preprocess="x")
+
+
+def test_llamafactory_templates(proc):
+  """qwen3_vl (Thinking) puts an empty thought before the answer; qwen2_vl has a default system;
+  an empty system is LLaMA-Factory's "none"."""
+  parts = ["image", "What?"]
+  trio = "<|vision_start|><|image_pad|><|vision_end|>"
+  try:
+    proc.set_template("qwen3_vl")
+    assert proc._text("", parts, "Red.") == (f"<|im_start|>user\n{trio}What?<|im_end|>\n<|im_start|>assistant\n"
+                                             "<think>\n\n</think>\n\nRed.<|im_end|>\n")
+    assert proc._text(None, parts, "<think>x</think>Red.").endswith("assistant\n<think>x</think>Red.<|im_end|>\n")
+    proc.set_template("qwen3_vl_nothink")
+    assert proc._text("S", parts, "Red.").startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user")
+    proc.set_template("qwen2_vl")
+    model_text = None
+    proc.set_template("model")
+    model_text = proc._text(None, parts, "Red.")
+    proc.set_template("qwen2_vl")
+    assert proc._text("", parts, "Red.") == model_text  # the Qwen2-VL template renders the same text
+    with pytest.raises(UserError, match="unknown chat template 'nope'"):
+      proc.set_template("nope")
+  finally:
+    proc.set_template(None)

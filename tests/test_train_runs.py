@@ -275,11 +275,11 @@ def test_score_evaluate_and_best_of_n_take_a_training_workdir(reference, world, 
   np.testing.assert_allclose(got["workdir"]["best"][0], got["workdir"]["scores"][1::-1], atol=1e-5)
 
 
-def test_a_workdir_without_checkpoints_is_named(tmp_path, capsys):
+def test_a_workdir_without_checkpoints_is_named(reference, tmp_path, capsys):
   from mrm_jax.cli import main
   (tmp_path / "run").mkdir()
-  (tmp_path / "run" / "manifest.json").write_text(json.dumps({"config": {}}))
+  (tmp_path / "run" / "manifest.json").write_bytes((reference / "manifest.json").read_bytes())
   (tmp_path / "r.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
   assert main(["score", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "r.jsonl"),
                "--output", str(tmp_path / "o.jsonl")]) == 2
-  assert "a training workdir without a checkpoint yet" in capsys.readouterr().err
+  assert "no checkpoint found under" in capsys.readouterr().err

@@ -170,7 +170,7 @@ def test_candidate_sets(world):
 
 def test_constructed_pairs_contrast_right_and_wrong_in_one_style(tmp_path):
   from mrm_jax.construct.pairs import construct_files
-  from mrm_jax.curate.loop import curate_config
+  from mrm_jax.curate.config import curate_config
 
   out = tmp_path / "w"
   generate_world(out, _cfg(seed=3, extra=["--config.world.n_candidates=240", "--config.world.n_t2i=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mrm_jax.cli_types import positive_int
+from mrm_jax.cli_types import add_processing_arguments, positive_int
 from mrm_jax.errors import UserError
 from mrm_jax.evaluate.best_of_n import check_images, read_candidates, select
 from mrm_jax.io import check_distinct_paths, write_jsonl
@@ -22,6 +22,7 @@ def add_arguments(parser) -> None:
                       help="scoring records per batch (default 8)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype (default float32; parameters load in float32)")
+  add_processing_arguments(parser)
 
 
 def run(args) -> int:
@@ -35,7 +36,8 @@ def run(args) -> int:
   from mrm_jax.evaluate.scoring import score_records  # jax loads only when the command runs
   from mrm_jax.loading import load_model
 
-  model, processor = load_model(args.model, dtype=args.dtype)
+  model, processor = load_model(args.model, dtype=args.dtype,
+                                image_preprocess=args.image_preprocess, template=args.template)
   # record k of the flattened list belongs to the candidate set at `owner[k]`, for error messages
   owner = [where for where, c in cands for _ in c["responses"]]
   out = select([c for _, c in cands],

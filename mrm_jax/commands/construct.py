@@ -36,15 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "trusting the stored scores")
 
 
-def image_root_hint(input_path, output_path) -> None:
-  """Image paths stay relative to the input's folder (a rebased `../` path would fall outside the
-  image root and be refused), so say where they resolve when the output lands elsewhere."""
-  src, dst = Path(input_path).resolve().parent, Path(output_path).resolve().parent
-  if src != dst:
-    print(f"  note: image paths are relative to {src}; pass it as --image-root / data.image_root "
-          f"when using {output_path}")
-
-
 def _style_line(name: str, s: dict) -> str:
   share = "n/a" if s["chosen_longer_share"] is None else f"{s['chosen_longer_share']:.3f}"
   acc = "n/a (too few pairs)" if s["probe_accuracy"] is None else f"{s['probe_accuracy']:.3f}"
@@ -66,7 +57,7 @@ def run(args) -> int:
     pairs = balanced
   report["n_written"] = len(pairs)
   with atomic_outputs():  # the pairs and their report are replaced together or not at all
-    write_pairs(args.output, pairs, args.format)
+    write_pairs(args.output, pairs, args.format, source_root=Path(args.candidates).parent)
     if args.report:
       write_json(args.report, report)
 
@@ -78,7 +69,6 @@ def run(args) -> int:
   print(_style_line("style", report["style"]))
   if args.balance_length:
     print(_style_line("balanced", report["balanced"]))
-  image_root_hint(args.candidates, args.output)
   print(f"  wrote {len(pairs)} {args.format} pairs -> {args.output}")
   if j["unknown_id"]:
     print(f"construct: warning: {j['unknown_id']} judgments name no candidate set in {args.candidates}",

@@ -6,20 +6,26 @@
     mrm-jax curate run    --config CFG --workdir DIR [--config.curate.KEY=VALUE ...]
 
 A step is one entry of STEPS: a function adding its arguments, a function running it, and its
-help. Adding a step (such as the resumable `run` loop) is one more entry.
+help. `run` resolves the config's inputs and judge (the embedded world's, when the config names
+it: mrm_jax/demo/curation.py) and runs the library's loop (mrm_jax/curate/loop.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from typing import Callable
 
+from mrm_jax import distributed
 from mrm_jax.cli_types import fraction, positive_int
+from mrm_jax.config import load_config
 from mrm_jax.curate import steps
+from mrm_jax.curate.training import enable_compilation_cache
 from mrm_jax.data.records import iter_pairs, read_judgments
+from mrm_jax.demo.curation import run_curation
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import atomic_outputs, check_distinct_paths, write_jsonl
+from mrm_jax.io import atomic_outputs, check_distinct_paths, check_writable_dir, write_jsonl
 
 # Steps that take `--config.KEY=VALUE` overrides get them as `args.overrides`; the others refuse them.
 ACCEPTS_CONFIG_OVERRIDES = True
@@ -134,6 +140,40 @@ def run_vote(args) -> int:
   return 0
 
 
+# ----------------------------------------------------------------------------- run
+
+
+def add_run_arguments(p) -> None:
+  p.description = (
+      "The whole iterative curation (DESIGN §9): per round, score the pairs with the current reward "
+      "model, flip the most confidently mislabelled ones, retrain on base + flipped data, keep the "
+      "pairs the new model agrees with, have a judge re-annotate the rest in both orders, vote, and "
+      "merge into the next round's pairs. Every stage leaves its outputs and a manifest under "
+      "WORKDIR/round_R/STAGE/; rerunning the same command resumes at the first unfinished stage. "
+      "Settings live in the config's `curate` section (override with --config.curate.KEY=VALUE).")
+  p.add_argument("--config", required=True, metavar="CFG",
+                 help="config file with a `curate` section (e.g. configs/curate_demo.py)")
+  p.add_argument("--workdir", required=True, metavar="DIR",
+                 help="run directory (created if missing; resumed if not)")
+  p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+  distributed.add_arguments(p)
+
+
+def run_loop(args) -> int:
+  if not getattr(args, "verbose", False):
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+  cfg = load_config(args.config, getattr(args, "overrides", []))
+  if "curate" not in cfg:
+    raise UserError(f"{args.config}: the config has no 'curate' section "
+                    "(add `c.curate = curate_config()`)")
+  distributed.initialize(args)
+  workdir = check_writable_dir(args.workdir)
+  if cfg.curate.compilation_cache:
+    enable_compilation_cache(workdir / "jax_cache")
+  run_curation(cfg, workdir, progress=args.progress)
+  return 0
+
+
 STEPS: dict[str, Step] = {
     "flip": Step(add_flip_arguments, run_flip,
                  "step 1: flip the most confidently mislabelled pairs (strength from one or more scorers)"),
@@ -141,15 +181,10 @@ STEPS: dict[str, Step] = {
                    "step 2: keep pairs the retrained model agrees with; queue the others for re-annotation"),
     "vote": Step(add_vote_arguments, run_vote,
                  "step 3: keep queued pairs with enough valid judge votes and a strict majority"),
-    "run": Step(lambda p: _loop().add_arguments(p), lambda a: _loop().run(a),
+    "run": Step(add_run_arguments, run_loop,
                 "the whole iterative loop from a config (score, flip, retrain, filter, re-annotate, merge; "
                 "resumable at any stage)", accepts_overrides=True),
 }
-
-
-def _loop():
-  from mrm_jax.curate import loop  # imported when `run` is used: jax and the trainer load lazily anyway
-  return loop
 
 
 def add_arguments(parser) -> None:

@@ -14,6 +14,13 @@ never leaves half a world; a world already there with the same seed and settings
 
 from __future__ import annotations
 
+import logging
+
+from mrm_jax.demo.config import load_demo_config
+from mrm_jax.demo.pipeline import run_demo
+from mrm_jax.demo.world import ensure_world
+from mrm_jax.io import check_writable_dir
+
 ACCEPTS_CONFIG_OVERRIDES = True
 
 
@@ -59,19 +66,12 @@ def world_table(stats: dict) -> str:
 
 
 def run(args) -> int:
-  import logging
-
-  from mrm_jax.io import check_writable_dir
-
   if not args.world_only:
     if not getattr(args, "verbose", False):
       logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
-    from mrm_jax.demo.pipeline import run_demo
     run_demo(args.workdir, size=args.size, seed=args.seed, overrides=getattr(args, "overrides", []),
              config=args.config, progress=args.progress)
     return 0
-  from mrm_jax.demo.config import load_demo_config
-  from mrm_jax.demo.world import ensure_world
   cfg = load_demo_config(args.config, getattr(args, "overrides", []), args.seed, args.size)
   workdir = check_writable_dir(args.workdir)
   path, stats, reused = ensure_world(workdir, cfg)

@@ -10,7 +10,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from mrm_jax.cli_types import positive_int
+from mrm_jax.cli_types import add_processing_arguments, positive_int
 from mrm_jax.data.readers import ImageStore
 from mrm_jax.errors import UserError
 from mrm_jax.evaluate import benchmarks, metrics
@@ -39,6 +39,7 @@ def add_arguments(parser) -> None:
   group.add_argument("--skip-missing", action="store_true",
                      help="evaluate the items whose images are present and report how many were skipped per "
                      "category (default: missing images are an error)")
+  add_processing_arguments(group)
 
 
 def run(args) -> int:
@@ -66,7 +67,8 @@ def run(args) -> int:
         raise UserError(f"{image_root}: image root is not a directory")
       from mrm_jax.evaluate.model_eval import evaluate_model  # jax only when a model is scored
       rep = evaluate_model(args.benchmark, items, args.model, image_root, args.batch_size, args.dtype,
-                           args.skip_missing)
+                           args.skip_missing, image_preprocess=args.image_preprocess,
+                           template=args.template)
   print(metrics.format_table(args.benchmark, rep))
   if args.output:
     write_json(args.output, rep)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mrm_jax import distributed
-from mrm_jax.cli_types import positive_int
+from mrm_jax.cli_types import add_processing_arguments, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "scores")
   parser.add_argument("--no-resume", action="store_true",
                       help="ignore an existing OUTPUT.progress and score every record again")
+  add_processing_arguments(parser)
   distributed.add_arguments(parser)
 
 
@@ -44,5 +45,6 @@ def run(args) -> int:
   distributed.initialize(args)
   score_file(args.input, args.output, args.model, image_root=args.image_root, batch_size=args.batch_size,
              dtype=args.dtype, max_len=args.max_len, max_pixels=args.max_pixels, chunk_size=args.chunk_size,
-             resume=not args.no_resume)
+             resume=not args.no_resume, image_preprocess=args.image_preprocess,
+             template=args.template)
   return 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from mrm_jax.commands.construct import image_root_hint
 from mrm_jax.construct import t2i
 from mrm_jax.construct.convert import OUTPUT_FORMATS, convert, write_pairs
 from mrm_jax.io import check_distinct_paths
@@ -41,9 +41,8 @@ def run(args) -> int:
     return 0
   records, wheres = t2i.read_generic(args.input)
   pairs = t2i.reformulate(records, seed=args.seed, wheres=wheres)
-  write_pairs(args.output, pairs, args.format)
+  write_pairs(args.output, pairs, args.format, source_root=Path(args.input).parent)
   first = sum(p["meta"]["chosen_position"] == 1 for p in pairs)
   print(f"t2i: {len(pairs)} pairs ({first} with the preferred image first, {len(pairs) - first} second) "
         f"-> {args.output}")
-  image_root_hint(args.input, args.output)
   return 0

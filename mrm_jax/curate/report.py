@@ -12,19 +12,25 @@ rejected not); pairs the truth does not cover are left out of the fractions.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mrm_jax.data.records import score_key
+import numpy as np
+from matplotlib.figure import Figure
+
+from mrm_jax.data.records import iter_pairs, score_key
 from mrm_jax.errors import UserError, at
-from mrm_jax.io import iter_jsonl, read_json_object
+from mrm_jax.io import atomic_open, iter_jsonl, read_json_object, write_json
 
 LabelTruth = Callable[[dict], "bool | None"]
 
 # Per-round counts, in the order the summary table and the count plot show them.
-COUNT_KEYS = ("input", "negative", "flipped", "kept", "queued", "judgments", "reannotated", "relabelled",
-              "dropped", "curated")
+COUNT_KEYS = ("input", "negative", "flipped", "kept", "queued", "judgments", "reannotated",
+              "relabelled", "dropped", "curated")
 
 
 def load_truth(path: str | os.PathLike) -> LabelTruth:
@@ -39,7 +45,8 @@ def load_truth(path: str | os.PathLike) -> LabelTruth:
   if isinstance(obj, dict) and "answer" not in obj:
     correct = obj.get("correct_answer")
     if not isinstance(correct, dict) or not all(isinstance(a, str) for a in correct.values()):
-      raise UserError(f"{path}: a JSON truth file needs 'correct_answer': {{pair id: answer string}}")
+      raise UserError(f"{path}: a JSON truth file needs 'correct_answer': "
+                      "{pair id: answer string}")
     return lambda pair: (None if str(pair.get("id")) not in correct
                          else pair["chosen"] == correct[str(pair.get("id"))])
   answers = answer_truth(path)
@@ -56,7 +63,8 @@ def answer_truth(path: str | os.PathLike) -> dict[tuple, bool]:
   out = {}
   for lineno, rec in iter_jsonl(path):
     if not isinstance(rec.get("correct"), bool) or not isinstance(rec.get("answer"), str):
-      raise UserError(f"{at(path, lineno)}: a truth record needs 'answer' (string) and 'correct' (true/false)")
+      raise UserError(f"{at(path, lineno)}: a truth record needs 'answer' (string) and 'correct' "
+                      "(true/false)")
     images = rec.get("images")
     if not (images is None or isinstance(images, str)
             or (isinstance(images, list) and all(isinstance(p, str) for p in images))):
@@ -74,8 +82,8 @@ def _ratio(a: int, b: int) -> float | None:
   return round(a / b, 4) if b else None
 
 
-def round_truth(truth: LabelTruth, inputs: list[dict], flipped: list[dict], kept: list[dict], queue: list[dict],
-                reannotated: list[dict], curated: list[dict]) -> dict:
+def round_truth(truth: LabelTruth, inputs: list[dict], flipped: list[dict], kept: list[dict],
+                queue: list[dict], reannotated: list[dict], curated: list[dict]) -> dict:
   """Agreement of one round's pair sets with the truth: label accuracy of each set, and how well the
   flip step found the wrong labels of its input (precision: flipped pairs that were wrong; recall:
   wrong pairs that got flipped)."""
@@ -128,8 +136,8 @@ def summary_table(report: dict) -> str:
   for rr in report["rounds"]:
     c = rr["counts"]
     t = rr.get("truth") or {}
-    acc = (f"{t['input_accuracy']:.3f}→{t['curated_accuracy']:.3f}"
-           if t.get("input_accuracy") is not None and t.get("curated_accuracy") is not None else "-")
+    known = t.get("input_accuracy") is not None and t.get("curated_accuracy") is not None
+    acc = f"{t['input_accuracy']:.3f}→{t['curated_accuracy']:.3f}" if known else "-"
     ev = ((rr.get("train") or {}).get("eval") or {}).get("accuracy")
     rows.append([str(rr["round"]), *(str(c.get(k, "-")) for k in COUNT_KEYS), acc,
                  f"{ev:.3f}" if isinstance(ev, float) else "-"])
@@ -143,26 +151,24 @@ def summary_table(report: dict) -> str:
   if tt:
     def f(x):
       return "-" if x is None else f"{x:.3f}"
-    out += (f"\nvs. truth: noisy label accuracy {f(tt['noisy_accuracy'])} → curated {f(tt['curated_accuracy'])}; "
-            f"mislabelled pairs found: precision {f(tt['noise_precision'])}, recall {f(tt['noise_recall'])} "
+    out += (f"\nvs. truth: noisy label accuracy {f(tt['noisy_accuracy'])} → curated "
+            f"{f(tt['curated_accuracy'])}; mislabelled pairs found: precision "
+            f"{f(tt['noise_precision'])}, recall {f(tt['noise_recall'])} "
             f"({tt['found_mislabelled']}/{tt['mislabelled']}; {tt['dropped']} dropped, "
             f"{tt['dropped_mislabelled']} of them mislabelled)")
   return out
 
 
-def plot_strengths(path: str | os.PathLike, flipped: list[dict], truth: LabelTruth | None, round_index: int) -> None:
-  """Histogram of the flip strength (mean score(chosen) − score(rejected) for the labels as they came),
-  split by true label when a truth is given, with the flip threshold."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from mrm_jax.io import atomic_open
-
+def plot_strengths(path: str | os.PathLike, flipped: list[dict], truth: LabelTruth | None,
+                   round_index: int) -> None:
+  """Histogram of the flip strength (mean score(chosen) − score(rejected) for the labels as they
+  came), split by true label when a truth is given, with the flip threshold."""
   original = []
-  for p in flipped:  # the flip step stores strength for the labels written: undo it for flipped pairs
+  for p in flipped:  # the flip step stores strength for the labels written: undo it when flipped
     s = float(p["strength"])
     original.append((-s if p.get("flipped") else s, p))
-  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+  fig = Figure(figsize=(6, 3.5), dpi=100)
+  ax = fig.subplots()
   values = [s for s, _ in original]
   bins = 30 if values else 1
   if truth is not None and values:
@@ -183,7 +189,6 @@ def plot_strengths(path: str | os.PathLike, flipped: list[dict], truth: LabelTru
   fig.tight_layout()
   with atomic_open(path, "wb") as f:
     fig.savefig(f, format="png")
-  plt.close(fig)
 
 
 def _as_came(p: dict) -> dict:
@@ -192,19 +197,15 @@ def _as_came(p: dict) -> dict:
 
 def plot_counts(path: str | os.PathLike, report: dict) -> None:
   """Grouped bars of the per-round counts."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
-  from mrm_jax.io import atomic_open
-
   keys = [k for k in COUNT_KEYS if k not in ("judgments",)]
   rounds = report["rounds"]
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.95 * len(keys)), 3.8), dpi=100)
+  fig = Figure(figsize=(max(6.0, 0.95 * len(keys)), 3.8), dpi=100)
+  ax = fig.subplots()
   width = 0.8 / max(1, len(rounds))
   x = np.arange(len(keys))
   for i, rr in enumerate(rounds):
-    ax.bar(x + i * width, [rr["counts"].get(k, 0) for k in keys], width, label=f"round {rr['round']}")
+    ax.bar(x + i * width, [rr["counts"].get(k, 0) for k in keys], width,
+           label=f"round {rr['round']}")
   ax.set_xticks(x + width * (len(rounds) - 1) / 2)
   ax.set_xticklabels(keys, rotation=20)
   ax.set_ylabel("pairs")
@@ -213,4 +214,107 @@ def plot_counts(path: str | os.PathLike, report: dict) -> None:
   fig.tight_layout()
   with atomic_open(path, "wb") as f:
     fig.savefig(f, format="png")
-  plt.close(fig)
+
+
+# -- the run's report ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundFiles:
+  """One finished round: its stage manifests and the pair files they point at."""
+  round: int
+  dir: Path
+  input: Path
+  score: dict
+  flip: dict
+  train: dict
+  filter: dict
+  judge: dict
+  merge: dict
+  flipped: Path
+  kept: Path
+  queue: Path
+  judgments: Path
+  reannotated: Path
+  curated: Path
+  filter_scores: Path
+
+
+def _pairs(path: Path) -> list[dict]:
+  return [p for _, p in iter_pairs(path)]
+
+
+def round_counts(rf: RoundFiles) -> dict:
+  """A round's counts, from its stage manifests."""
+  s, f, fl, j, m = (rf.score["counts"], rf.flip["counts"], rf.filter["counts"],
+                    rf.judge["counts"], rf.merge["counts"])
+  return {"input": s["pairs"], "negative": f["negative"], "flipped": f["flipped"],
+          "kept": fl["kept"], "queued": fl["queued"], "judgments": j["judgments"],
+          **{k: m[k] for k in ("reannotated", "relabelled", "dropped", "curated", "no_quorum",
+                               "tied", "invalid_judgments")},
+          "answers_scored": s["scored"]}
+
+
+def round_report(rf: RoundFiles, truth: LabelTruth | None) -> dict:
+  """WORKDIR/round_r/report.json: counts, M_{r+1}'s training summary and model, the curated
+  set, seconds per stage, and agreement with the truth when one is known."""
+  seconds = {k: getattr(rf, k)["seconds"] for k in ("score", "flip", "filter", "judge", "merge")}
+  entry = {"round": rf.round, "counts": round_counts(rf), "train": rf.train["train"],
+           "model": rf.train["model"], "curated": str(rf.curated),
+           "seconds": seconds | {"train": rf.train["seconds"]}}
+  if truth is not None:
+    entry["truth"] = round_truth(truth, *(_pairs(p) for p in (
+        rf.input, rf.flipped, rf.kept, rf.queue, rf.reannotated, rf.curated)))
+  return entry
+
+
+def write_report(workdir: Path, inputs, base_man: dict | None, rounds: list[RoundFiles], *,
+                 t0: float, plots: bool, primary: bool, say: Callable[[str], None]) -> dict:
+  """The run's report (WORKDIR/report.json, written by process 0 with the per-round reports,
+  WORKDIR/curated.jsonl and the plots):
+    base      {model, train} of M_0 when it was trained here (else None); `train` is the
+              training summary {steps, loss, accuracy, eval | None, resumed_from}
+    rounds    per round: `round_report`
+    truth     the whole run against the noisy labels (`overall_truth`), or None
+    final     {curated, model, n_curated}; also workdir, noisy, base_train, plots, seconds
+  Counts satisfy kept + queued = input, reannotated + dropped = queued, curated = kept +
+  reannotated, judgments = repeats · queued (a live judge may record failures among them)."""
+  truth = load_truth(inputs.truth) if inputs.truth else None
+  entries = [round_report(rf, truth) for rf in rounds]
+  last, final_curated = rounds[-1], workdir / "curated.jsonl"
+  report = {
+      "workdir": str(workdir), "noisy": str(inputs.noisy),
+      "base_train": [str(f) for f in inputs.base_train],
+      "base": {"model": base_man["model"], "train": base_man["train"]} if base_man else None,
+      "rounds": entries,
+      "final": {"curated": str(final_curated), "model": last.train["model"],
+                "n_curated": last.merge["counts"]["curated"]},
+      "truth": (overall_truth(truth, _pairs(inputs.noisy), _pairs(last.curated))
+                if truth is not None else None),
+      "seconds": round(time.time() - t0, 3),
+  }
+  if not primary:
+    return report
+  for rf, entry in zip(rounds, entries):
+    write_json(rf.dir / "report.json", entry)
+  tmp = final_curated.with_name(".curated.jsonl.tmp")
+  shutil.copyfile(last.curated, tmp)
+  os.replace(tmp, final_curated)
+  if plots:
+    report["plots"] = _plot_run(workdir / "plots", rounds, truth, report)
+  write_json(workdir / "report.json", report)
+  say(summary_table(report))
+  say(f"curated set: {final_curated} ({report['final']['n_curated']} pairs); final model: "
+      f"{report['final']['model']}; report: {workdir / 'report.json'}")
+  return report
+
+
+def _plot_run(plots: Path, rounds: list[RoundFiles], truth: LabelTruth | None,
+              report: dict) -> list[str]:
+  paths = []
+  for rf in rounds:
+    p = plots / f"strength_round_{rf.round}.png"
+    plot_strengths(p, _pairs(rf.flipped), truth, rf.round)
+    paths.append(str(p))
+  plot_counts(plots / "counts.png", report)
+  return [*paths, str(plots / "counts.png")]

@@ -38,7 +38,9 @@ def read_score_file(path: str | os.PathLike) -> ScoreTable:
       raise UserError(f"{where}: 'images' should be a list of paths")
     for key in ("question", "answer"):
       if not isinstance(rec.get(key), str):
-        raise UserError(f"{where}: missing field '{key}'" if rec.get(key) is None else f"{where}: '{key}' should be a string")
+        missing = rec.get(key) is None
+        problem = f"missing field '{key}'" if missing else f"'{key}' should be a string"
+        raise UserError(f"{where}: {problem}")
     score = rec.get("score")
     if not is_finite_number(score):
       raise UserError(f"{where}: 'score' should be a finite number, got {score!r:.40}")
@@ -57,7 +59,8 @@ def pair_scores(pair: dict, table: ScoreTable) -> tuple[float, float] | None:
 
 @dataclasses.dataclass
 class Missing:
-  """A pair left out for lack of a score: its position in the input and the score files without it."""
+  """A pair left out for lack of a score: its position in the input and the score files without
+  it."""
   index: int
   pair_id: str
   files: list[int]
@@ -80,7 +83,8 @@ def swap(pair: dict) -> dict:
   return {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
 
 
-def flip(pairs: Sequence[dict], tables: Sequence[ScoreTable], fraction: float = 0.5) -> tuple[list[dict], list[Missing]]:
+def flip(pairs: Sequence[dict], tables: Sequence[ScoreTable],
+         fraction: float = 0.5) -> tuple[list[dict], list[Missing]]:
   """Curation step 1. strength = mean over scorers of score(chosen) − score(rejected). Among the
   pairs with strength < 0, sorted ascending (stable: ties keep input order), the first
   ⌊fraction · n_negative⌋ get chosen and rejected swapped and `"flipped": true`.
@@ -97,8 +101,8 @@ def flip(pairs: Sequence[dict], tables: Sequence[ScoreTable], fraction: float = 
   strength = {i: sum(c - r for c, r in per) / len(per) for i, per in scored}
   for i, value in strength.items():
     if not math.isfinite(value):  # finite scores whose difference overflows: not writable as JSON
-      raise UserError(f"pair {i + 1} (id {pairs[i].get('id')!r}): its scores are too large to subtract "
-                      f"(strength {value})")
+      raise UserError(f"pair {i + 1} (id {pairs[i].get('id')!r}): its scores are too large to "
+                      f"subtract (strength {value})")
   negative = sorted((i for i, _ in scored if strength[i] < 0), key=lambda i: strength[i])
   n_flip = math.floor(Fraction(repr(float(fraction))) * len(negative))  # exact: 0.29 · 100 = 29
   to_flip = set(negative[:n_flip])
@@ -111,7 +115,8 @@ def flip(pairs: Sequence[dict], tables: Sequence[ScoreTable], fraction: float = 
   return out, missing
 
 
-def filter_consistent(pairs: Sequence[dict], tables: Sequence[ScoreTable]) -> tuple[list[dict], list[dict], list[Missing]]:
+def filter_consistent(pairs: Sequence[dict], tables: Sequence[ScoreTable]
+                      ) -> tuple[list[dict], list[dict], list[Missing]]:
   """Curation step 2: (kept, queue, missing). A pair is kept when the mean over scorers of
   score(chosen) is strictly greater than that of score(rejected); the others (ties included)
   go to the re-annotation queue, labelled as they came."""
@@ -138,7 +143,8 @@ def judgment_vote(judgment: dict) -> tuple[float, float] | None:
     return None
   if not all(is_finite_number(s) for s in scores):
     return None
-  if sorted(o for o in order if isinstance(o, int) and not isinstance(o, bool)) != [0, 1] or len(order) != 2:
+  indices = sorted(o for o in order if isinstance(o, int) and not isinstance(o, bool))
+  if indices != [0, 1] or len(order) != 2:
     return None
   if scores[0] == scores[1]:
     return 0.5, 0.5
@@ -164,7 +170,8 @@ def vote(queue: Sequence[dict], judgments: Sequence[dict], min_votes: int = 2) -
     raise UserError(f"--min-votes must be at least 1, got {min_votes}")
   ids = [str(p.get("id", "")) for p in queue]
   check_unique_ids([(f"queued pair {k + 1}", p) for k, p in enumerate(queue)])
-  tally: dict[str, list[float]] = {pid: [0.0, 0.0, 0] for pid in ids}  # chosen, rejected, valid judgments
+  # per pair: votes for chosen, for rejected, valid judgments
+  tally: dict[str, list[float]] = {pid: [0.0, 0.0, 0] for pid in ids}
   invalid, unknown = 0, []
   for j in judgments:
     jid = str(j.get("id", ""))

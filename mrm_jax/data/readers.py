@@ -70,6 +70,7 @@ class ImageStore:
     self.folder = Path(folder)
     self.relative_to = Path(relative_to)
     self.created: list[Path] = []
+    self.returned: set[str] = set()  # the paths put() gave out
 
   def put(self, data: bytes, where: Where) -> str:
     if not isinstance(data, (bytes, bytearray)) or not data:
@@ -85,7 +86,9 @@ class ImageStore:
       tmp.write_bytes(data)
       os.replace(tmp, target)
       self.created.append(target)
-    return os.path.relpath(target, self.relative_to).replace(os.sep, "/")
+    rel = os.path.relpath(target, self.relative_to).replace(os.sep, "/")
+    self.returned.add(rel)
+    return rel
 
   def remove_created(self) -> None:
     for p in self.created:

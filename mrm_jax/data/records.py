@@ -19,6 +19,7 @@ null; numbers that are used as floats (`strength`, scores) must be finite.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,11 @@ from mrm_jax.errors import UserError, at
 from mrm_jax.io import iter_jsonl, json_type, read_json_or_jsonl
 
 IMAGE_PLACEHOLDER = "<image>"
+# LLaMA-Factory records keep the canonical fields it has no column for here (see to_llamafactory)
+SIDE_FIELD = "mrm_jax"
+# canonical fields with a LLaMA-Factory column (or dropped on purpose: an empty id)
+_PREPENDED = "images_prepended"  # in SIDE_FIELD: how many `<image>` llamafactory_record put first
+_LF_COLUMNS = ("id", "images", "question", "chosen", "rejected", "system", "meta", "videos")
 VIDEO_PLACEHOLDER = "<video>"
 
 # The reward-model system prompt attached to constructed pairs (DESIGN §7.6, §8).
@@ -132,27 +138,72 @@ def from_llamafactory(record: dict, where: str = "record") -> dict:
       "chosen": _turn(record.get("chosen"), "chosen", where),
       "rejected": _turn(record.get("rejected"), "rejected", where),
   }
-  if _optional(record, "system", str, where) is not None:
-    pair["system"] = record["system"]
-  known = {"id", "images", "conversations", "chosen", "rejected", "system"}
+  side = _side_fields(record, where)
+  system = _optional(record, "system", str, where)
+  if system or (system == "" and side.get("system") == ""):  # "" is how LLaMA-Factory says "none"
+    pair["system"] = system
+  side.pop("system", None)
+  prepended = side.pop(_PREPENDED, 0)
+  if (isinstance(prepended, int) and prepended > 0
+      and pair["question"].startswith(IMAGE_PLACEHOLDER * prepended)):
+    pair["question"] = pair["question"][len(IMAGE_PLACEHOLDER) * prepended:]
+  known = {"id", "images", "videos", "conversations", "chosen", "rejected", "system", SIDE_FIELD}
   extra = {k: v for k, v in record.items() if k not in known}
+  has_meta = "meta" in side
+  meta = side.pop("meta", None)
   if extra:
-    pair["meta"] = {"llamafactory": extra}
+    meta, has_meta = {**(meta or {}), "llamafactory": extra}, True
+  if _optional(record, "videos", list, where) is not None:
+    _check_videos(record, where)
+    pair["videos"] = list(record["videos"])
+  pair.update(side)
+  if has_meta:
+    pair["meta"] = meta
+  _check_pair_extras(pair, where)
   return pair
 
 
+def _side_fields(record: dict, where: str) -> dict:
+  """The canonical fields `to_llamafactory` kept in SIDE_FIELD (a JSON text)."""
+  text = record.get(SIDE_FIELD)
+  if text is None:
+    return {}
+  try:
+    side = json.loads(text) if isinstance(text, str) else None
+  except json.JSONDecodeError:
+    side = None
+  if not isinstance(side, dict):
+    raise UserError(f"{where}: field '{SIDE_FIELD}' should be the JSON text of an object")
+  return side
+
+
 def to_llamafactory(pair: dict) -> dict:
-  """Canonical pair → LLaMA-Factory record; exact inverse of from_llamafactory for its output."""
+  """Canonical pair → LLaMA-Factory record; exact inverse of from_llamafactory for its output.
+
+  `system` is always written ("" when the pair has none), so a dataset_info.json mapping it works
+  on any file. The canonical fields LLaMA-Factory has no column for (strength, source, meta, ...)
+  travel as the JSON text of an object in SIDE_FIELD: one string column, which LLaMA-Factory
+  loads and drops whatever the records hold, where nested objects of differing shapes could
+  break its Arrow schema inference."""
   out: dict = {}
-  extra = (pair.get("meta") or {}).get("llamafactory", {})
+  meta = dict(pair.get("meta") or {})
+  extra = meta.pop("llamafactory", {}) if isinstance(meta.get("llamafactory"), dict) else {}
   if pair.get("id"):
     out["id"] = pair["id"]
   out["conversations"] = [{"from": "human", "value": pair["question"]}]
   out["chosen"] = {"from": "gpt", "value": pair["chosen"]}
   out["rejected"] = {"from": "gpt", "value": pair["rejected"]}
   out["images"] = list(pair.get("images", []))
-  if pair.get("system") is not None:
-    out["system"] = pair["system"]
+  if pair.get("videos"):
+    out["videos"] = list(pair["videos"])
+  out["system"] = pair.get("system") or ""
+  side = {k: v for k, v in pair.items() if k not in _LF_COLUMNS}
+  if "meta" in pair and (meta or not extra):  # what from_llamafactory cannot rebuild from extras
+    side["meta"] = meta if pair["meta"] is not None else None
+  if pair.get("system") == "":
+    side["system"] = ""
+  if side:
+    out[SIDE_FIELD] = json.dumps(side, ensure_ascii=False, sort_keys=True)
   out.update(extra)
   return out
 
@@ -162,15 +213,17 @@ def llamafactory_record(pair: dict) -> dict:
 
   Records that already carry placeholders (everything LLaMA-Factory itself wrote) are left
   exactly as `to_llamafactory` makes them, so LLaMA-Factory → canonical → LLaMA-Factory is the
-  identity; prompts without any (native datasets) get them prepended, as images go first.
+  identity; prompts without any (native datasets) get them prepended, as images go first, and
+  SIDE_FIELD notes it so that reading the record back gives the pair's own question.
   """
   rec = to_llamafactory(pair)
   n = len(rec.get("images") or [])
   question = rec["conversations"][0]["value"]
   if n and IMAGE_PLACEHOLDER not in question:
     rec["conversations"][0]["value"] = IMAGE_PLACEHOLDER * n + question
-  if pair.get("videos") and "videos" not in rec:
-    rec["videos"] = list(pair["videos"])
+    side = json.loads(rec.get(SIDE_FIELD, "{}"))
+    side[_PREPENDED] = n
+    rec[SIDE_FIELD] = json.dumps(side, ensure_ascii=False, sort_keys=True)
   return rec
 
 
@@ -186,12 +239,16 @@ def normalize_pair(record: dict, where: str = "record") -> dict:
     _require(pair, key, str, where)
   pair["id"] = record_id(record, where)
   _check_common(record, where)
+  _check_pair_extras(record, where)
+  return pair
+
+
+def _check_pair_extras(record: dict, where: str) -> None:
   _optional(record, "meta", dict, where)
   _optional(record, "source", str, where)
   strength = record.get("strength")
   if strength is not None and not is_finite_number(strength):
     raise UserError(f"{where}: field 'strength' should be a finite number, got {strength!r:.40}")
-  return pair
 
 
 def read_pairs(path: str | os.PathLike) -> list[dict]:
@@ -268,3 +325,40 @@ def resolve_image(path: str, root: str | os.PathLike, where: str = "record") -> 
   if full != root and root not in full.parents:
     raise UserError(f"{where}: image '{path}' is outside the image root {root}")
   return full
+
+
+def _is_local_relative(path: str) -> bool:
+  return not os.path.isabs(path) and "://" not in path
+
+
+def rebase_images(pairs: list[dict], source_root, output, keep=frozenset()) -> list[dict]:
+  """`pairs` whose relative image (and video frame) paths, relative to `source_root`, are made
+  relative to the folder of `output` instead, the folder LLaMA-Factory (its dataset_dir) and our
+  commands resolve them from. Paths in `keep` (already relative to the output, such as extracted
+  images) and absolute paths or URLs stay as they are. An image outside the output's folder is a
+  UserError: it would need a `../` path, which image roots refuse."""
+  src, dst = Path(source_root).resolve(), Path(output).resolve().parent
+  if src == dst:
+    return pairs
+
+  def rebase(path):
+    if path in keep or not _is_local_relative(path):
+      return path
+    full = os.path.normpath(src / path)
+    rel = os.path.relpath(full, dst)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+      raise UserError(f"{output}: image '{path}' (in {src}) lies outside the output's folder "
+                      f"{dst}, and records refer to images relative to their file's folder; write "
+                      f"the output into a folder that holds its images, such as {src}")
+    return rel.replace(os.sep, "/")
+
+  out = []
+  for pair in pairs:
+    pair = dict(pair)
+    if pair.get("images"):
+      pair["images"] = [rebase(p) for p in pair["images"]]
+    if pair.get("videos"):
+      pair["videos"] = [rebase(v) if isinstance(v, str) else [rebase(f) for f in v]
+                        for v in pair["videos"]]
+    out.append(pair)
+  return out

@@ -4,7 +4,7 @@ curation sections they leave out, then the command line's seed, size and overrid
 from __future__ import annotations
 
 from mrm_jax.config import apply_overrides, load_config_file
-from mrm_jax.curate.loop import curate_config
+from mrm_jax.curate.config import curate_config
 from mrm_jax.demo.world import world_config
 
 

@@ -2,8 +2,8 @@
 
     summary = run_demo(workdir, size="full", seed=None, overrides=())
 
-A thin orchestration over the resumable curation loop (mrm_jax/curate/loop.py), which does the
-work in WORKDIR itself:
+A thin orchestration over the resumable curation loop (mrm_jax/curate/loop.py, on the world's
+inputs and simulated judge: mrm_jax/demo/curation.py), which does the work in WORKDIR itself:
   world      WORKDIR/world: generated (or reused when its seed and settings match)
   prepare    debiased pairs from the world's stored judge outputs (`construct`) + T2I pairs (`t2i`)
   base       round-0 training on debiased + T2I pairs (M_0)
@@ -39,8 +39,20 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jax
+from matplotlib.figure import Figure
+
+from mrm_jax.curate.config import split_files
+from mrm_jax.curate.training import enable_compilation_cache
+from mrm_jax.demo.config import load_demo_config
+from mrm_jax.demo.curation import run_curation
+from mrm_jax.demo.world import resolve_counts
 from mrm_jax.errors import UserError
-from mrm_jax.io import check_writable_dir, write_json
+from mrm_jax.evaluate import benchmarks, metrics
+from mrm_jax.evaluate.scoring import score_records
+from mrm_jax.io import atomic_open, check_writable_dir, write_json, write_jsonl
+from mrm_jax.loading import load_model
+from mrm_jax.stages import digest, file_sha256, model_fingerprint
 
 SUMMARY = "summary.json"
 ACCURACY_PLOT = "heldout_accuracy.png"
@@ -55,9 +67,6 @@ def _rel(path, root: Path) -> str:
 
 def _load_model(path: str, cfg, world: Path):
   """(model, processor) of a training workdir or an HF directory, on one device."""
-  import jax
-
-  from mrm_jax.loading import load_model
   return load_model(path, devices=jax.local_devices()[:1], min_pixels=int(cfg.data.min_pixels),
                     max_pixels=int(cfg.data.max_pixels), processor_dir=world / "model")
 
@@ -67,11 +76,6 @@ def evaluate_heldout(model_path: str, heldout: Path, image_root: Path, out_dir: 
   """`evaluate --benchmark pairs` of one model on the held-out file: OUT_DIR/NAME.json ({n, accuracy},
   the model, a key and the seconds it took) and OUT_DIR/NAME.scores.jsonl. Returns (report, reused):
   an earlier evaluation is reused when its key (model + held-out file + settings) matches."""
-  from mrm_jax.curate.loop import digest, model_fingerprint, file_sha256
-  from mrm_jax.evaluate import benchmarks, metrics
-  from mrm_jax.evaluate.scoring import score_records
-  from mrm_jax.io import write_jsonl
-
   key = digest({"model": model_fingerprint(Path(model_path)), "heldout": file_sha256(heldout),
                  "max_len": int(cfg.data.max_seq_len), "max_pixels": int(cfg.data.max_pixels),
                  "min_pixels": int(cfg.data.min_pixels)})
@@ -113,14 +117,9 @@ def _copy(src: Path, dst: Path) -> None:
 def plot_accuracy(path: Path, summary: dict) -> None:
   """Held-out accuracy per training round (chance at 0.5), and the label accuracy of the pair set each
   curation round starts from, with the final curated set."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  from mrm_jax.io import atomic_open
-
   rounds = summary["rounds"]
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+  fig = Figure(figsize=(9, 3.5), dpi=100)
+  ax, bx = fig.subplots(1, 2)
   xs = [r["round"] for r in rounds]
   ys = [r["heldout_accuracy"] for r in rounds]
   ax.plot(xs, ys, marker="o", color="tab:blue", label="held-out accuracy")
@@ -146,7 +145,6 @@ def plot_accuracy(path: Path, summary: dict) -> None:
   fig.tight_layout()
   with atomic_open(path, "wb") as f:
     fig.savefig(f, format="png")
-  plt.close(fig)
 
 
 def _fmt(x) -> str:
@@ -186,41 +184,53 @@ def run_demo(workdir, *, size: str | None = "full", seed: int | None = None, ove
   `config` is a config file with the demo's training settings (default configs/curate_demo.py; a
   `world` and a `curate` section are added when missing), `size` the world size (None: the config's),
   `overrides` `--config.KEY=VALUE` items applied last. `devices` restricts training (tests)."""
-  from mrm_jax.curate import loop
-  from mrm_jax.demo.config import load_demo_config
-  from mrm_jax.demo.world import resolve_counts
-
   t0 = time.time()
   cfg = load_demo_config(config, list(overrides), seed, size)
   if cfg.curate.noisy:
-    raise UserError("curate.noisy is set: the demo curates the embedded world's noisy pairs (use `mrm-jax curate "
-                    "run` for other data)")
+    raise UserError("curate.noisy is set: the demo curates the embedded world's noisy pairs (use "
+                    "`mrm-jax curate run` for other data)")
   if not cfg.curate.world_dir and resolve_counts(cfg.world)["heldout"] < 1:
-    raise UserError("world.n_heldout must be at least 1: the demo evaluates every model on the held-out split")
+    raise UserError("world.n_heldout must be at least 1: the demo evaluates every model on the "
+                    "held-out split")
   workdir = check_writable_dir(workdir).resolve()
   if cfg.curate.compilation_cache:
-    loop.enable_compilation_cache(workdir / "jax_cache")  # before anything compiles
-  report = loop.run_curation(cfg, workdir, progress=progress, devices=devices, out=out)
-
+    enable_compilation_cache(workdir / "jax_cache")  # before anything compiles
+  report = run_curation(cfg, workdir, progress=progress, devices=devices, out=out)
   world = Path(cfg.curate.world_dir).resolve() if cfg.curate.world_dir else workdir / "world"
+  rounds = heldout_rounds(cfg, workdir, world, report, progress=progress, out=out)
+  plots = write_plots(workdir, rounds, report)
+  summary = demo_summary(workdir, world, rounds, report, plots)
+  summary["seconds"] = round(max(time.time() - t0, 1e-3), 3)
+  write_json(workdir / SUMMARY, summary)
+  out("")
+  out(f"mrm-jax demo: {workdir / SUMMARY}")
+  out(summary_table(summary))
+  return summary
+
+
+def _trained_models(cfg, report: dict) -> list[tuple[str, dict | None]]:
+  """(model, training summary) of every training round: M_0, then each curation round's."""
+  if report["base"] is not None:
+    models = [(report["base"]["model"], report["base"]["train"])]
+  else:  # M_0 given (curate.initial_models): its first scorer
+    models = [(split_files(cfg.curate.initial_models)[0], None)]
+  return models + [(rr["model"], rr["train"]) for rr in report["rounds"]]
+
+
+def heldout_rounds(cfg, workdir: Path, world: Path, report: dict, *, progress: bool,
+                   out: Callable[[str], None]) -> list[dict]:
+  """Every trained model evaluated on the world's held-out pairs: summary.json's `rounds`."""
   heldout = world / "heldout_pairs.jsonl"
   if not heldout.is_file():
     raise UserError(f"{heldout}: no such file (the world's held-out split)")
   image_root = Path(cfg.curate.image_root or cfg.data.image_root or world).resolve()
-  models = []
-  if report["base"] is not None:
-    models.append((report["base"]["model"], report["base"]["train"]))
-  else:  # M_0 given (curate.initial_models): its first scorer
-    models.append((loop.split_files(cfg.curate.initial_models)[0], None))
-  models += [(rr["model"], rr["train"]) for rr in report["rounds"]]
-
   rounds = []
-  for t, (model, train) in enumerate(models):
-    ev, reused = evaluate_heldout(model, heldout, image_root, workdir / "heldout", f"round_{t}", cfg, world,
-                                  progress=progress)
+  for t, (model, train) in enumerate(_trained_models(cfg, report)):
+    ev, reused = evaluate_heldout(model, heldout, image_root, workdir / "heldout", f"round_{t}",
+                                  cfg, world, progress=progress)
     how = "done earlier" if reused else f"{ev['seconds']:.1f} s"
-    out(f"[heldout/round_{t}] model {_rel(model, workdir)}: accuracy {_fmt(ev['accuracy'])} on {ev['n']} pairs "
-        f"({how})")
+    out(f"[heldout/round_{t}] model {_rel(model, workdir)}: accuracy {_fmt(ev['accuracy'])} on "
+        f"{ev['n']} pairs ({how})")
     rr = report["rounds"][t - 1] if t else None
     rounds.append({
         "round": t,
@@ -234,26 +244,38 @@ def run_demo(workdir, *, size: str | None = "full", seed: int | None = None, ove
         "label_accuracy_in": (rr.get("truth") or {}).get("input_accuracy") if rr else None,
         "counts": rr["counts"] if rr else None,
     })
+  return rounds
 
+
+def write_plots(workdir: Path, rounds: list[dict], report: dict) -> list[str]:
+  """The held-out accuracy plot and copies of the loop's plots (curation counts, strength
+  histograms) beside summary.json; their names."""
   truth = report["truth"] or {}
-  plots = []
-  plot_accuracy(workdir / ACCURACY_PLOT, {"rounds": rounds, "heldout_pairs": rounds[0]["heldout_pairs"],
+  plot_accuracy(workdir / ACCURACY_PLOT, {"rounds": rounds,
+                                          "heldout_pairs": rounds[0]["heldout_pairs"],
                                           "curated_label_accuracy": truth.get("curated_accuracy")})
-  plots.append(ACCURACY_PLOT)
-  for p in report.get("plots") or []:  # the loop's plots: curation counts, strength histograms
+  plots = [ACCURACY_PLOT]
+  for p in report.get("plots") or []:
     src = Path(p)
     name = "curation_counts.png" if src.name == "counts.png" else src.name
     _copy(src, workdir / name)
     plots.append(name)
+  return plots
 
+
+def demo_summary(workdir: Path, world: Path, rounds: list[dict], report: dict,
+                 plots: list[str]) -> dict:
+  """summary.json (its `seconds` is the caller's to fill in)."""
+  truth = report["truth"] or {}
   wstats = json.loads((world / "world.json").read_text(encoding="utf-8"))
-  summary = {
+  return {
       "round0_heldout_accuracy": rounds[0]["heldout_accuracy"],
       "heldout_accuracy": rounds[-1]["heldout_accuracy"],
       "noise_precision": truth.get("noise_precision"),
       "noise_recall": truth.get("noise_recall"),
-      "seconds": None,          # this invocation (a rerun of a finished demo: seconds)
-      "compute_seconds": None,  # what the whole pipeline took, summed over its stages (stable across resumes)
+      "seconds": None,  # this invocation (a rerun of a finished demo: seconds)
+      # what the whole pipeline took, summed over its stages (stable across resumes)
+      "compute_seconds": _compute_seconds(workdir),
       "heldout_pairs": rounds[0]["heldout_pairs"],
       "heldout_accuracy_per_round": [r["heldout_accuracy"] for r in rounds],
       "noisy_pairs": wstats["noisy"]["n"],
@@ -267,19 +289,12 @@ def run_demo(workdir, *, size: str | None = "full", seed: int | None = None, ove
       "curated_pairs": report["final"]["n_curated"],
       "curation_rounds": len(report["rounds"]),
       "rounds": rounds,
-      "world": {"seed": wstats["seed"], "size": wstats["config"]["size"], "path": _rel(world, workdir)},
+      "world": {"seed": wstats["seed"], "size": wstats["config"]["size"],
+                "path": _rel(world, workdir)},
       "curated": _rel(report["final"]["curated"], workdir),
       "report": "report.json",
       "plots": plots,
   }
-  summary["compute_seconds"] = _compute_seconds(workdir)
-  summary["seconds"] = round(max(time.time() - t0, 1e-3), 3)
-  write_json(workdir / SUMMARY, summary)
-  out("")
-  out(f"mrm-jax demo: {workdir / SUMMARY}")
-  out(summary_table(summary))
-  return summary
-
 
 
 def _compute_seconds(workdir: Path) -> float:

@@ -13,10 +13,17 @@ world settings, so a resumed run reads the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable
 
+from mrm_jax.construct.pairs import construct_files
+from mrm_jax.construct.t2i import read_generic, reformulate
+from mrm_jax.curate.config import curate_config
+from mrm_jax.demo.world import ensure_world, world_config
 from mrm_jax.errors import UserError
+from mrm_jax.io import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +41,32 @@ def wants_embedded_world(cfg, init_from: str | None = None) -> bool:
   return True
 
 
-def write_world_pairs(world: Path, out_dir: Path, min_gap: float, t2i_seed: int) -> dict[str, Path]:
-  """The world's debiased and T2I pairs, as the demo's `prepare` stage builds them."""
-  from mrm_jax.construct.pairs import construct_files
-  from mrm_jax.construct.t2i import read_generic, reformulate
-  from mrm_jax.io import write_jsonl
+@dataclasses.dataclass(frozen=True)
+class WorldPairs:
+  files: dict[str, Path]   # "debiased", "t2i": the pair files
+  counts: dict[str, int]   # pairs per file
+  construct: dict          # the construction report (`construct --report`)
 
-  pairs, _ = construct_files(world / "candidates.jsonl", world / "judgments.jsonl", float(min_gap))
-  records, wheres = read_generic(world / "t2i.jsonl")
+
+def write_world_pairs(world: Path, out_dir: Path, min_gap: float, t2i_seed: int, *,
+                      after_debiased: Callable[[], None] = lambda: None) -> WorldPairs:
+  """The world's debiased pairs (`construct` on its stored judge outputs) and T2I pairs (`t2i`)
+  in OUT_DIR, as the curation's `prepare` stage builds them. `after_debiased` runs between the
+  two (the fault hook)."""
+  pairs, stats = construct_files(world / "candidates.jsonl", world / "judgments.jsonl",
+                                 float(min_gap))
   files = {"debiased": out_dir / "debiased.jsonl", "t2i": out_dir / "t2i.jsonl"}
-  write_jsonl(files["debiased"], pairs)
-  write_jsonl(files["t2i"], reformulate(records, int(t2i_seed), wheres))
-  return files
+  counts = {"debiased": write_jsonl(files["debiased"], pairs)}
+  after_debiased()
+  records, wheres = read_generic(world / "t2i.jsonl")
+  counts["t2i"] = write_jsonl(files["t2i"], reformulate(records, int(t2i_seed), wheres))
+  return WorldPairs(files, counts, stats.report())
 
 
 def use_embedded_world(cfg, workdir, *, primary: bool = True):
   """`cfg` with model.path (if empty), data.train, data.eval (if empty) and data.image_root set to
   the embedded world in WORKDIR. Only the primary process writes; the others must wait for it
   (`mrm_jax.distributed.barrier`) before reading."""
-  from mrm_jax.curate.loop import curate_config
-  from mrm_jax.demo.world import ensure_world, world_config
-
   workdir = Path(workdir)
   if "world" not in cfg:
     cfg.world = world_config()
@@ -62,7 +74,7 @@ def use_embedded_world(cfg, workdir, *, primary: bool = True):
   world, pair_dir = workdir / "world", workdir / "world_pairs"
   if primary:
     world, stats, reused = ensure_world(workdir, cfg)
-    files = write_world_pairs(world, pair_dir, curate.min_gap, curate.t2i_seed)
+    files = write_world_pairs(world, pair_dir, curate.min_gap, curate.t2i_seed).files
     log.info("data.train is empty: training on the embedded world (%s, seed %d, size %s): %s",
              "reused" if reused else "generated", stats["seed"], cfg.world.size,
              ", ".join(str(f) for f in files.values()))

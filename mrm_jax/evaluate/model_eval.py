@@ -49,13 +49,15 @@ def score_items(items, image_root, model, processor, batch_size: int) -> list[tu
 
 
 def evaluate_model(name: str, items, model_dir, image_root, batch_size: int = 8, dtype: str = "float32",
-                   skip_missing: bool = False) -> dict:
+                   skip_missing: bool = False, image_preprocess: str | None = None,
+                   template: str | None = None) -> dict:
   """Scores a benchmark's items with a reward model and returns the report (with a `skipped`
   entry when items without images were left out)."""
   present, skipped = split_missing(items, image_root, skip_missing)
   if not present:
     raise UserError(f"no item of the benchmark has its images under {image_root}")
-  model, processor = load_model(model_dir, dtype=dtype)
+  model, processor = load_model(model_dir, dtype=dtype, image_preprocess=image_preprocess,
+                                template=template)
   rep = metrics.report(name, present, score_items(present, image_root, model, processor, batch_size))
   if skipped:
     rep["skipped"] = skipped_summary(skipped)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mrm_jax import faults
 from mrm_jax.errors import UserError
 from mrm_jax.evaluate.scoring import iter_score_chunks, read_scoring_file, scoring_key, scoring_mesh, step_rows
 from mrm_jax.io import AppendLog, atomic_open, check_distinct_paths, dumps, read_append_log, write_jsonl
@@ -33,8 +33,8 @@ from mrm_jax.loading import load_model
 log = logging.getLogger(__name__)
 
 PROGRESS_SUFFIX = ".progress"
-# tests: raise after this many chunks were logged (the log then looks like a killed run's)
-FAULT_ENV = "MRM_JAX_FAULT_SCORE_STOP_AFTER_CHUNKS"
+# tests: stop after this many chunks were logged (the log then looks like a killed run's)
+FAULT_ENV = faults.SCORE_STOP_ENV
 
 
 def _model_fingerprint(path: Path) -> list:
@@ -103,7 +103,8 @@ def _open_progress(path: Path, settings: dict, keys: list[str], resume: bool, pr
 
 def score_file(input_path, output, model_path, *, image_root=None, batch_size: int = 8,
                dtype: str = "float32", max_len: int = 4096, max_pixels: int | None = None,
-               chunk_size: int | None = None, resume: bool = True) -> int:
+               chunk_size: int | None = None, resume: bool = True,
+               image_preprocess: str | None = None, template: str | None = None) -> int:
   """Scores every record of `input_path` into `output`; returns how many (0 on processes > 0)."""
   out = Path(output)
   path = out.with_name(out.name + PROGRESS_SUFFIX)
@@ -115,7 +116,8 @@ def score_file(input_path, output, model_path, *, image_root=None, batch_size: i
     raise UserError(f"--image-root {image_root}: no such directory")
   raw, records, lines = read_scoring_file(inp)
   root = Path(image_root) if image_root else inp.parent
-  model, processor = load_model(model_path, dtype=dtype, max_pixels=max_pixels)
+  model, processor = load_model(model_path, dtype=dtype, max_pixels=max_pixels,
+                                image_preprocess=image_preprocess, template=template)
 
   mesh = scoring_mesh(devices=jax.devices())  # every device of every process
   rows, _ = step_rows(batch_size, mesh)
@@ -123,13 +125,14 @@ def score_file(input_path, output, model_path, *, image_root=None, batch_size: i
   keys = [scoring_key(r) for r in records]
   settings = {"model": str(Path(model_path).resolve()), "files": _model_fingerprint(Path(model_path)),
               "dtype": dtype, "max_len": max_len, "max_pixels": max_pixels,
-              "image_root": str(root.resolve())}
+              "image_root": str(root.resolve()), "image_preprocess": processor.image_preprocess,
+              "template": processor.template}
   primary = jax.process_index() == 0
   good, progress = _open_progress(path, settings, keys, resume, primary)
   scores: list[float] = [s for e in good for s in e["scores"]]
   start = len(scores)
   known = dict(zip(keys, scores))
-  stop_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+  check_fault = faults.stop_after(FAULT_ENV, "chunks")
   try:
     for n, (c0, got) in enumerate(iter_score_chunks(model, processor, records, root, batch_size, start=start,
                                                     known=known, max_len=max_len, chunk=chunk, mesh=mesh,
@@ -137,8 +140,7 @@ def score_file(input_path, output, model_path, *, image_root=None, batch_size: i
       scores.extend(got)
       if progress is not None:
         progress.append({"start": c0, "digest": _digest(keys[c0:c0 + len(got)]), "scores": got})
-      if stop_after and n == stop_after:
-        raise RuntimeError(f"{FAULT_ENV}={stop_after}: stopped after {n} chunks")
+      check_fault(n)
     written = 0
     if primary:
       written = write_jsonl(out, ({**r, "score": s} for r, s in zip(raw, scores)))

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 VALUE_HEAD_FILE = "value_head.safetensors"
 V_HEAD_WEIGHT = "v_head.summary.weight"
 V_HEAD_BIAS = "v_head.summary.bias"
+LM_HEAD = "lm_head.weight"
 # files that make an HF directory usable for scoring besides the weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
@@ -250,6 +251,7 @@ def export_hf(model, out_dir, *, dtype: str | None = None, max_shard_bytes: int 
     param = _get(model.backbone, nnx_path)
     hf_shape = _expected_hf_shape(kind, tuple(param.get_value().shape), cfg)
     entries.append((hf_key, param, kind, hf_shape))
+  entries += _lm_head_entry(cfg, source_dir, entries)
   itemsize = np.dtype(np_dtype).itemsize if np_dtype is not None else None
   sizes = [math.prod(s) * (itemsize or np.dtype(p.get_value().dtype).itemsize) for _, p, _, s in entries]
   shards, cur, cur_size = [], [], 0
@@ -285,6 +287,41 @@ def export_hf(model, out_dir, *, dtype: str | None = None, max_shard_bytes: int 
   if len(shards) == 1 and stale.exists():  # only now: until the commit the old index matched the old shards
     stale.unlink()
   return out
+
+
+class _HostTensor:
+  """A numpy array where export expects a parameter (`get_value()`)."""
+
+  def __init__(self, value: np.ndarray):
+    self.value = value
+
+  def get_value(self) -> np.ndarray:
+    return self.value
+
+
+def _lm_head_entry(cfg, source_dir, entries) -> list:
+  """`lm_head.weight` for the export: the reward model never computes it, but transformers (and so
+  LLaMA-Factory) expects it unless the config ties it to the embeddings. Carried from the base
+  model's weights in `source_dir`; without them a warning says transformers will initialise it."""
+  if getattr(cfg, "tie_word_embeddings", False):
+    return []
+  embed = next((e for e in entries if e[0].endswith("embed_tokens.weight")), None)
+  want = tuple(embed[3]) if embed is not None else None
+  if source_dir is not None:
+    source = Path(source_dir)
+    try:
+      index = _TensorIndex(source, weight_files(source))
+    except UserError:
+      index = None
+    if index is not None and index.find(LM_HEAD) is not None:
+      if want is not None and index.shape(LM_HEAD) != want:
+        raise UserError(f"{index.file_of(LM_HEAD)}: tensor '{LM_HEAD}' has shape "
+                        f"{list(index.shape(LM_HEAD))}, expected {list(want)} from the model")
+      return [(LM_HEAD, _HostTensor(index.get(LM_HEAD)), "copy", index.shape(LM_HEAD))]
+  log.warning("export: no %s to carry (the base model directory%s has none and the config does "
+              "not tie it to the embeddings); transformers will initialise it when loading the "
+              "export", LM_HEAD, f" {source_dir}" if source_dir is not None else " is unknown")
+  return []
 
 
 def _write_safetensors(path: Path, tensors: dict) -> None:

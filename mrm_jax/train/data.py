@@ -23,7 +23,7 @@ from mrm_jax.data import pipeline as pl
 from mrm_jax.data.records import normalize_pair, pair_to_scoring, resolve_image
 from mrm_jax.errors import UserError
 from mrm_jax.models import hf_io
-from mrm_jax.models.processor import Processor, smart_resize
+from mrm_jax.models.processor import Processor, pair_share, smart_resize
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ def make_processor(cfg, model_path: str | None):
                     "directory holding config.json and the tokenizer files")
   fam, mcfg = hf_io.family_and_config(model_path)
   return Processor.from_pretrained(model_path, fam, mcfg, min_pixels=cfg.data.min_pixels,
-                                   max_pixels=cfg.data.max_pixels)
+                                   max_pixels=cfg.data.max_pixels,
+                                   image_preprocess=cfg.data.get("image_preprocess", None),
+                                   template=cfg.data.get("template", None))
 
 
 def _entries(cfg, spec: str):
@@ -81,7 +83,7 @@ class TrainData:
         seq_lens=seq_lens(cfg), patch_budgets=patch_budgets(cfg), seed=int(cfg.seed),
         shuffle=bool(cfg.data.shuffle), num_epochs=None, process_index=0, process_count=1,
         max_skip_rate=cfg.data.max_skip_rate, num_parallel_calls=cfg.data.num_workers,
-        lengths=lengths, group_batches=group)
+        lengths=lengths, group_batches=group, share_vision=True)
 
   def steps_per_epoch(self, grad_accum: int = 1) -> int:
     return max(1, len(self.entries) // (self.micro_batch * max(1, grad_accum)))
@@ -110,8 +112,10 @@ def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
     try:
       pair, _ = pl.check_pair(entry)
       c, r = pair_to_scoring(pair)
-      return (processor.encode(c, entry.image_root, max_len, entry.where),
-              processor.encode(r, entry.image_root, max_len, entry.where), float(pair.get("strength") or 0.0))
+      chosen = processor.encode(c, entry.image_root, max_len, entry.where)
+      # the pair's images once: the rejected response reuses the chosen one's processed images
+      return (chosen, processor.encode(r, entry.image_root, max_len, entry.where, vision=chosen),
+              float(pair.get("strength") or 0.0))
     except pl.BAD_INPUT_ERRORS as e:
       log.warning("eval: skipping record %s", e if isinstance(e, UserError) else f"{entry.where}: {e}")
       return None
@@ -121,10 +125,10 @@ def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
       items.append(items[-1])
     examples = [it[0] for it in items] + [it[1] for it in items]
     seq_len = pl._pick(seq_lens(cfg), max(e.length for e in examples), "tokens")
-    need = sum(e.num_patches for e in examples)
+    need = sum(e.num_patches for e in examples[:bsz])  # rejected rows share the chosen rows' images
     budgets = patch_budgets(cfg)
     budget = pl._pick(budgets, need, "vision patches") if budgets else pl._next_pow2(need)
-    batch = dict(processor.collate(examples, seq_len, budget))
+    batch = dict(processor.collate(examples, seq_len, budget, share=pair_share(len(examples))))
     batch["strength"] = np.asarray([it[2] for it in items], np.float32)
     batch["pair_mask"] = (np.arange(bsz) < real).astype(np.float32)
     return batch
