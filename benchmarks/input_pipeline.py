@@ -91,7 +91,9 @@ def _encode_pair(index: int):
   entry, processor = _POOL["entries"][index], _POOL["processor"]
   pair, _ = check_pair(entry)
   chosen, rejected = pair_to_scoring(pair)
-  return tuple(processor.encode(r, entry.image_root, 1024, entry.where) for r in (chosen, rejected))
+  first = processor.encode(chosen, entry.image_root, 1024, entry.where)
+  # the pair's images once: the rejected response reuses them, as the pipeline does
+  return first, processor.encode(rejected, entry.image_root, 1024, entry.where, vision=first)
 
 
 def measure_pool(pairs: Path, processor, cores: int, batch: int, batches: int, warmup: int) -> dict:
@@ -101,6 +103,7 @@ def measure_pool(pairs: Path, processor, cores: int, batch: int, batches: int, w
   import multiprocessing as mp
 
   from mrm_jax.data import pipeline as pl
+  from mrm_jax.models.processor import pair_share
   os.environ["TOKENIZERS_PARALLELISM"] = "false"  # forked workers: no tokenizer threads
   _POOL.update(entries=pl.load_entries(pairs), processor=processor)
   n = len(_POOL["entries"])
@@ -112,7 +115,8 @@ def measure_pool(pairs: Path, processor, cores: int, batch: int, batches: int, w
         encoded = pool.map(_encode_pair, idx)
         examples = [e[0] for e in encoded] + [e[1] for e in encoded]
         seq = 512 if max(e.length for e in examples) <= 512 else 1024
-        out = processor.collate(examples, seq, max(sum(e.num_patches for e in examples), 4))
+        out = processor.collate(examples, seq, max(sum(e.num_patches for e in examples[:batch]), 4),
+                                share=pair_share(len(examples)))
       return out
 
     run(warmup, 0)

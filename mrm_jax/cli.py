@@ -17,17 +17,48 @@ from mrm_jax.errors import UserError
 
 # name -> (module, one-line help). Register a command only when it works.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("mrm_jax.commands.demo", "the whole pipeline on the embedded synthetic world (CPU, minutes)"),
-    "score": ("mrm_jax.commands.score", "score every record of a JSONL file with a reward model"),
-    "export": ("mrm_jax.commands.export", "write a reward model as an HF directory (+ value_head.safetensors)"),
-    "train": ("mrm_jax.commands.train", "train a reward model on a device mesh; resumes from the workdir's checkpoints"),
-    "judge": ("mrm_jax.commands.judge", "score candidate responses with an OpenAI-compatible judge (resumable)"),
-    "construct": ("mrm_jax.commands.construct", "debiased preference pairs from judged candidate sets, with a style-bias report"),
-    "t2i": ("mrm_jax.commands.t2i", "T2I preferences -> position-balanced two-image reward-model pairs"),
-    "convert": ("mrm_jax.commands.convert", "native dataset (RLAIF-V, VLFeedback, Pick-a-Pic, benchmarks, ...) -> preference pairs"),
-    "evaluate": ("mrm_jax.commands.evaluate", "benchmark metrics (VL-RewardBench, Multimodal RewardBench, MM-RLHF-RewardBench, pairs) from scores or a model"),
-    "curate": ("mrm_jax.commands.curate", "iterative curation: the flip, filter and vote steps, or the whole resumable loop (run)"),
-    "best-of-n": ("mrm_jax.commands.best_of_n", "pick the highest-reward response of each candidate set (all scores kept)"),
+  "demo": (
+    "mrm_jax.commands.demo",
+    "the whole pipeline on the embedded synthetic world (CPU, minutes)",
+  ),
+  "score": ("mrm_jax.commands.score", "score every record of a JSONL file with a reward model"),
+  "export": (
+    "mrm_jax.commands.export",
+    "write a reward model as an HF directory (+ value_head.safetensors)",
+  ),
+  "train": (
+    "mrm_jax.commands.train",
+    "train a reward model on a device mesh; resumes from the workdir's checkpoints",
+  ),
+  "judge": (
+    "mrm_jax.commands.judge",
+    "score candidate responses with an OpenAI-compatible judge (resumable)",
+  ),
+  "construct": (
+    "mrm_jax.commands.construct",
+    "debiased preference pairs from judged candidate sets, with a style-bias report",
+  ),
+  "t2i": (
+    "mrm_jax.commands.t2i",
+    "T2I preferences -> position-balanced two-image reward-model pairs",
+  ),
+  "convert": (
+    "mrm_jax.commands.convert",
+    "native dataset (RLAIF-V, VLFeedback, Pick-a-Pic, benchmarks, ...) -> preference pairs",
+  ),
+  "evaluate": (
+    "mrm_jax.commands.evaluate",
+    "benchmark metrics (VL-RewardBench, Multimodal RewardBench, MM-RLHF-RewardBench, pairs) from "
+    "scores or a model",
+  ),
+  "curate": (
+    "mrm_jax.commands.curate",
+    "iterative curation: the flip, filter and vote steps, or the whole resumable loop (run)",
+  ),
+  "best-of-n": (
+    "mrm_jax.commands.best_of_n",
+    "pick the highest-reward response of each candidate set (all scores kept)",
+  ),
 }
 
 
@@ -41,9 +72,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser(selected: str | None) -> argparse.ArgumentParser:
   parser = _Parser(
-      prog="mrm-jax",
-      description="DT2IT-MRM multimodal reward models in JAX: construct debiased preference data, "
-      "reformulate T2I pairs, train, score, curate and evaluate reward models.")
+    prog="mrm-jax",
+    description="DT2IT-MRM multimodal reward models in JAX: construct debiased preference data, "
+    "reformulate T2I pairs, train, score, curate and evaluate reward models.",
+  )
   parser.add_argument("--version", action="version", version=f"mrm-jax {__version__}")
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
   sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -57,13 +89,17 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
 
 
 def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
-  """`-v` after the (sub)command too (`mrm-jax judge -v`, `mrm-jax curate run ... -v`): every subparser
+  """`-v` after the (sub)command too (`mrm-jax judge -v`, `mrm-jax curate run ... -v`): every
+  subparser
   gets the flag, defaulting to SUPPRESS so that leaving it out there keeps the top-level value."""
   for action in parser._actions:  # noqa: SLF001 - argparse keeps its subparsers nowhere public
     if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
       for p in action.choices.values():
-        if "-v" not in p._option_string_actions and "--verbose" not in p._option_string_actions:  # noqa: SLF001
-          p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        # noqa: SLF001
+        if "-v" not in p._option_string_actions and "--verbose" not in p._option_string_actions:
+          p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+          )
         _verbose_anywhere(p)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 
-
 IMAGE_PREPROCESS_CHOICES = ("auto", "transformers", "llamafactory")
 TEMPLATE_CHOICES = ("model", "qwen2_vl", "qwen3_vl", "qwen3_vl_nothink")
 
@@ -18,16 +17,24 @@ TEMPLATE_CHOICES = ("model", "qwen2_vl", "qwen3_vl", "qwen3_vl_nothink")
 def add_processing_arguments(parser) -> None:
   """`--image-preprocess` and `--template`: how records become model inputs (README: LLaMA-Factory
   interop)."""
-  parser.add_argument("--image-preprocess", choices=IMAGE_PREPROCESS_CHOICES, default="auto",
-                      help="image preprocessing: transformers' image processor (PIL backend), "
-                      "or LLaMA-Factory's (image_max_pixels 768*768 / image_min_pixels 32*32 "
-                      "resize, 28 px minimum side, alpha dropped, torchvision resize); auto "
-                      "(default) = llamafactory for a directory LLaMA-Factory wrote, announced on "
-                      "stderr, else transformers")
-  parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="model",
-                      help="chat template: the model directory's own (default), or "
-                      "LLaMA-Factory's of that name (qwen3_vl: Qwen3-VL Thinking, an empty <think> "
-                      "block before the answer)")
+  parser.add_argument(
+    "--image-preprocess",
+    choices=IMAGE_PREPROCESS_CHOICES,
+    default="auto",
+    help="image preprocessing: transformers' image processor (PIL backend), "
+    "or LLaMA-Factory's (image_max_pixels 768*768 / image_min_pixels 32*32 "
+    "resize, 28 px minimum side, alpha dropped, torchvision resize); auto "
+    "(default) = llamafactory for a directory LLaMA-Factory wrote, announced on "
+    "stderr, else transformers",
+  )
+  parser.add_argument(
+    "--template",
+    choices=TEMPLATE_CHOICES,
+    default="model",
+    help="chat template: the model directory's own (default), or "
+    "LLaMA-Factory's of that name (qwen3_vl: Qwen3-VL Thinking, an empty <think> "
+    "block before the answer)",
+  )
 
 
 def _number(kind, text: str):

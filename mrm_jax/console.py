@@ -3,9 +3,9 @@ that never land on an open progress bar, and errors on a line of their own.
 
 A successful run should print nothing a user has to wonder about. Left alone, the stack announces
 itself: TensorFlow's C++ logging (the oneDNN notice, preceded by absl's "All log messages before
-absl::InitializeLog()"), jax's INFO line about the TPU backend it could not find on a CPU or GPU host,
-transformers' "PyTorch was not found" advice (the runtime needs no torch), matplotlib's font cache.
-None of it says anything about the run. `-v` brings all of it back.
+absl::InitializeLog()"), jax's INFO line about the TPU backend it could not find on a CPU or GPU
+host, transformers' "PyTorch was not found" advice (the runtime needs no torch), matplotlib's font
+cache. None of it says anything about the run. `-v` brings all of it back.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import sys
 
 # Set before TensorFlow / transformers are first imported (they read them once, at import).
 QUIET_ENVIRONMENT = {
-    "TF_CPP_MIN_LOG_LEVEL": "1",                 # TF C++ INFO lines (CPU feature notice); warnings stay
-    # TF announces its oneDNN kernels before its log level applies. TF only runs tf.data here (the
-    # work inside is numpy), so the kernels change nothing; turning them off turns off the notice.
-    "TF_ENABLE_ONEDNN_OPTS": "0",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",    # "PyTorch was not found ..." and similar advice
+  "TF_CPP_MIN_LOG_LEVEL": "1",  # TF C++ INFO lines (CPU feature notice); warnings stay
+  # TF announces its oneDNN kernels before its log level applies. TF only runs tf.data here (the
+  # work inside is numpy), so the kernels change nothing; turning them off turns off the notice.
+  "TF_ENABLE_ONEDNN_OPTS": "0",
+  "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",  # "PyTorch was not found ..." and similar advice
 }
 
 LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s] %(message)s"
@@ -45,7 +45,8 @@ def _open_bars() -> list:
 
 class _BarAwareHandler(logging.StreamHandler):
   """Writes each record through `tqdm.write` while a bar is open, so the line lands above the bar
-  instead of being glued to its end. Without a fixed stream it writes to whatever `sys.stderr` is at the
+  instead of being glued to its end. Without a fixed stream it writes to whatever `sys.stderr` is at
+  the
   time (a test's capture, a redirected stream), not to the one that was current at set-up."""
 
   def __init__(self, stream=None):

@@ -19,9 +19,13 @@ devices it was given (`JAX_LOCAL_DEVICE_IDS` still restricts them).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
+
+import jax
+from jax.experimental import multihost_utils
 
 from mrm_jax.errors import UserError
 
@@ -31,11 +35,21 @@ _initialized = False
 
 
 def add_arguments(parser) -> None:
-  g = parser.add_argument_group("multi-process (jax.distributed; auto-detected on TPU pods and SLURM)")
-  g.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                 help="address of process 0's coordinator service")
-  g.add_argument("--num_processes", type=int, default=None, metavar="N", help="total number of processes")
-  g.add_argument("--process_id", type=int, default=None, metavar="I", help="this process's index, 0..N-1")
+  g = parser.add_argument_group(
+    "multi-process (jax.distributed; auto-detected on TPU pods and SLURM)"
+  )
+  g.add_argument(
+    "--coordinator_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="address of process 0's coordinator service",
+  )
+  g.add_argument(
+    "--num_processes", type=int, default=None, metavar="N", help="total number of processes"
+  )
+  g.add_argument(
+    "--process_id", type=int, default=None, metavar="I", help="this process's index, 0..N-1"
+  )
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -66,13 +80,18 @@ def slurm_settings(env=None) -> dict | None:
   ntasks = int(env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS") or 1)
   if ntasks <= 1:
     return None
-  nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+  nodelist = (
+    env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+  )
   if not nodelist:
     raise UserError("SLURM: SLURM_JOB_NODELIST is not set; pass --coordinator_address")
   host = expand_nodelist(nodelist)[0]
   port = int(env.get("MRM_JAX_COORDINATOR_PORT") or 12355 + int(env["SLURM_JOB_ID"]) % 1000)
-  return {"coordinator_address": f"{host}:{port}", "num_processes": ntasks,
-          "process_id": int(env["SLURM_PROCID"])}
+  return {
+    "coordinator_address": f"{host}:{port}",
+    "num_processes": ntasks,
+    "process_id": int(env["SLURM_PROCID"]),
+  }
 
 
 def _tpu_pod(env) -> bool:
@@ -108,10 +127,12 @@ def initialize(args=None) -> dict | None:
   settings = resolve(args)
   if settings is None or _initialized:
     return settings
-  import jax
+
   if _backend_is_cpu():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  log.info("jax.distributed.initialize(%s)", ", ".join(f"{k}={v}" for k, v in settings.items()) or "auto")
+  log.info(
+    "jax.distributed.initialize(%s)", ", ".join(f"{k}={v}" for k, v in settings.items()) or "auto"
+  )
   if settings:  # ours, whole: JAX's detection would only add a device restriction (see above)
     jax.distributed.initialize(**settings, cluster_detection_method="deactivate")
   else:
@@ -126,13 +147,13 @@ def _backend_is_cpu() -> bool:
   platforms = os.environ.get("JAX_PLATFORMS", "") or os.environ.get("JAX_PLATFORM_NAME", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  import importlib.util
-  return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
+
+  return not any(
+    importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+  )
 
 
 def barrier(name: str) -> None:
   """Every process waits here until all have arrived (a no-op in a single process)."""
-  import jax
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 FAULT_ENV = "MRM_JAX_CURATE_FAULT"
 SCORE_STOP_ENV = "MRM_JAX_FAULT_SCORE_STOP_AFTER_CHUNKS"
@@ -32,7 +32,7 @@ class Faults:
     self.rules: dict[str, tuple[int, bool]] = {}
     for item in filter(None, (s.strip() for s in (spec or "").split(","))):
       kill = item.endswith(":kill")
-      item = item[:-len(":kill")] if kill else item
+      item = item[: -len(":kill")] if kill else item
       name, _, n = item.partition("@")
       self.rules[name] = (int(n or 1), kill)
     self.counts: dict[str, int] = {}
@@ -64,4 +64,5 @@ def stop_after(env: str, unit: str) -> Callable[[int], None]:
   def check(n: int) -> None:
     if limit and n == limit:
       raise InjectedFault(f"{env}={limit}: stopped after {n} {unit}")
+
   return check

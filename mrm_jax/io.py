@@ -13,8 +13,9 @@ import re
 import secrets
 import stat
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from mrm_jax.errors import UserError, at
 
@@ -26,16 +27,18 @@ except ImportError:  # not POSIX: no locks, so stale temporary files are never r
   fcntl = None
 
 
-# -- reading JSON --------------------------------------------------------------------------------------
+# -- reading JSON ----------------------------------------------------------------------------------
 #
-# Every JSON and JSON Lines input goes through one decoder. It refuses what `json.loads` would let in but
-# no later step can use: NaN / Infinity (not JSON, and they poison every mean and comparison), numbers
-# that overflow a float (1e999 would become inf), integers too long to convert, nesting deep enough to
-# exhaust the stack, and bytes that are not UTF-8. Each becomes a one-line error naming file:line.
+# Every JSON and JSON Lines input goes through one decoder. It refuses what `json.loads` would let
+# in but no later step can use: NaN / Infinity (not JSON, and they poison every mean and
+# comparison), numbers that overflow a float (1e999 would become inf), integers too long to convert,
+# nesting deep enough to exhaust the stack, and bytes that are not UTF-8. Each becomes a one-line
+# error naming file:line.
 
 
 class BadJSON(ValueError):
-  """Text that is not a JSON value this project reads; `line` is its 1-based text line when known."""
+  """Text that is not a JSON value this project reads; `line` is its 1-based text line when
+  known."""
 
   def __init__(self, message: str, line: int | None = None):
     super().__init__(message)
@@ -77,26 +80,31 @@ def _parse(text: str, pos: int | None = None):
 
 
 def _utf8(data: bytes) -> str:
-  """UTF-8 bytes → text (a leading byte-order mark dropped); BadJSON naming the line of a bad byte."""
+  """UTF-8 bytes → text (a leading byte-order mark dropped); BadJSON naming the line of a bad
+  byte."""
   if data.startswith(_BOM):
-    data = data[len(_BOM):]
+    data = data[len(_BOM) :]
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
     line_start = data.rfind(b"\n", 0, e.start) + 1
-    raise BadJSON(f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1})",
-                  data.count(b"\n", 0, e.start) + 1) from None
+    raise BadJSON(
+      f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1})",
+      data.count(b"\n", 0, e.start) + 1,
+    ) from None
 
 
 def parse_json(data: str | bytes) -> Any:
-  """One JSON value from text or UTF-8 bytes, through the project's strict decoder; BadJSON otherwise."""
+  """One JSON value from text or UTF-8 bytes, through the project's strict decoder; BadJSON
+  otherwise."""
   return _parse(_utf8(data) if isinstance(data, (bytes, bytearray)) else data)
 
 
 def json_type(value: Any) -> str:
   """The JSON name of a decoded value's type, for error messages ("got array")."""
   return {dict: "object", list: "array", str: "string", bool: "true/false", type(None): "null"}.get(
-      type(value), "number")
+    type(value), "number"
+  )
 
 
 def _existing(path: str | os.PathLike) -> Path:
@@ -126,7 +134,8 @@ def scan_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str 
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-  """Yields (line_number, record) for each non-blank line; a line that is not a JSON object (malformed,
+  """Yields (line_number, record) for each non-blank line; a line that is not a JSON object
+  (malformed,
   not UTF-8, NaN, ...) is a UserError naming file:line."""
   for lineno, record, error in scan_jsonl(path):
     if error is not None:
@@ -156,8 +165,10 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, dict]]:
       line = e.line or line_of(pos)
       raise UserError(f"{at(path, item)}: {e} (list item {item}, text line {line})") from None
     if not isinstance(value, dict):
-      raise UserError(f"{at(path, item)}: expected a JSON object, got {json_type(value)} "
-                      f"(list item {item}, text line {line_of(pos)})")
+      raise UserError(
+        f"{at(path, item)}: expected a JSON object, got {json_type(value)} "
+        f"(list item {item}, text line {line_of(pos)})"
+      )
     yield item, value
     pos = _WHITESPACE.match(text, end).end()
     if text.startswith(",", pos):
@@ -165,10 +176,14 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, dict]]:
     elif text.startswith("]", pos):
       break
     else:
-      raise UserError(f"{path}: malformed JSON list (expected ',' or ']' after item {item}, "
-                      f"text line {line_of(pos)})")
+      raise UserError(
+        f"{path}: malformed JSON list (expected ',' or ']' after item {item}, "
+        f"text line {line_of(pos)})"
+      )
   if _WHITESPACE.match(text, pos + 1).end() != len(text):
-    raise UserError(f"{path}: malformed JSON list (extra data after it, text line {line_of(pos + 1)})")
+    raise UserError(
+      f"{path}: malformed JSON list (extra data after it, text line {line_of(pos + 1)})"
+    )
 
 
 def is_json_list(path: str | os.PathLike) -> bool:
@@ -222,23 +237,28 @@ def dumps(record: Any, indent: int | None = None) -> str:
     where = non_finite_path(record)
     if where is None:
       raise
-    raise UserError(f"cannot write '{where}' as JSON: NaN and Infinity are not JSON numbers "
-                    "(an input number too large, or a model that produced NaN?)") from None
+    raise UserError(
+      f"cannot write '{where}' as JSON: NaN and Infinity are not JSON numbers "
+      "(an input number too large, or a model that produced NaN?)"
+    ) from None
   except RecursionError:
     raise UserError("cannot write a record nested this deeply as JSON") from None
 
 
-# -- atomic writes --------------------------------------------------------------------------------------
+# -- atomic writes ---------------------------------------------------------------------------------
 #
-# An output NAME is written to a temporary sibling `.NAME.PID.RANDOM.tmp`, created with mode 0666 so the
-# kernel applies the umask (and any default ACL) exactly as for a plain `open()`, then fsynced and renamed
-# over NAME. While the temporary file exists its writer holds an exclusive flock on it. The lock is what
-# tells a killed run's leftover from a live writer's file: the kernel drops it when the writer dies, even
-# by SIGKILL, and a file nobody holds is removed the next time NAME is written. Age or PID tests cannot
-# tell these apart (a slow writer leaves an old file; PIDs are reused and mean nothing on another host of
-# a shared filesystem; NFSv4 carries flocks across hosts).
+# An output NAME is written to a temporary sibling `.NAME.PID.RANDOM.tmp`, created with mode 0666 so
+# the kernel applies the umask (and any default ACL) exactly as for a plain `open()`, then fsynced
+# and renamed over NAME. While the temporary file exists its writer holds an exclusive flock on it.
+# The lock is what tells a killed run's leftover from a live writer's file: the kernel drops it when
+# the writer dies, even by SIGKILL, and a file nobody holds is removed the next time NAME is
+# written. Age or PID tests cannot tell these apart (a slow writer leaves an old file; PIDs are
+# reused and mean nothing on another host of a shared filesystem; NFSv4 carries flocks across
+# hosts).
 
-_staged: contextvars.ContextVar[list | None] = contextvars.ContextVar("mrm_jax_staged_outputs", default=None)
+_staged: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+  "mrm_jax_staged_outputs", default=None
+)
 
 
 def _try_lock(fd: int, block: bool) -> bool | None:
@@ -257,7 +277,8 @@ def _try_lock(fd: int, block: bool) -> bool | None:
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
   """Removes the `.NAME.*.tmp` siblings of `path` that no live writer holds (left by a killed run);
-  returns them. Files of this process, symlinks, non-files and files it may not open are left alone."""
+  returns them. Files of this process, symlinks, non-files and files it may not open are left
+  alone."""
   path = Path(path)
   prefix = f".{path.name}."
   try:
@@ -266,12 +287,14 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return []
   removed = []
   for name in names:
-    if name[len(prefix):].split(".", 1)[0] == str(os.getpid()):
+    if name[len(prefix) :].split(".", 1)[0] == str(os.getpid()):
       continue  # another thread's write in progress (NFS emulates flock with per-process locks)
     tmp = path.parent / name
     try:
-      fd = os.open(tmp, os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
-                   | getattr(os, "O_CLOEXEC", 0))
+      fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+      )
     except OSError:
       continue  # gone (renamed by its writer), a symlink, or not ours to open
     try:
@@ -302,7 +325,8 @@ def _create_temp(path: Path) -> tuple[int, Path]:
 
 
 def _prepare_target(path: Path) -> None:
-  """Creates the output's folder, refuses a folder in the output's place, removes stale temp files."""
+  """Creates the output's folder, refuses a folder in the output's place, removes stale temp
+  files."""
   if not path.parent.is_dir():
     try:
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,7 +338,8 @@ def _prepare_target(path: Path) -> None:
 
 
 def _write_error(e: BaseException, tmp: Path) -> bool:
-  """Whether `e` is a failure to write / sync / rename the temporary file (not some other file's error
+  """Whether `e` is a failure to write / sync / rename the temporary file (not some other file's
+  error
   raised by the caller's code inside the `with`)."""
   if not isinstance(e, OSError) or e.errno is None:
     return False
@@ -327,7 +352,8 @@ def _discard(tmp: Path) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-  """Makes the renames durable (some filesystems refuse to sync a directory: then they are not needed)."""
+  """Makes the renames durable (some filesystems refuse to sync a directory: then they are not
+  needed)."""
   with contextlib.suppress(OSError):
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -380,10 +406,11 @@ def atomic_outputs():
   Inside the block every atomic write of this thread (`atomic_open`, `write_jsonl`, `write_json`)
   writes and fsyncs its temporary file but renames nothing. When the block ends normally, all are
   renamed, in the order they were written; on an exception all temporary files are removed and every
-  output keeps its old bytes. The renames are the only step left after every byte is on disk, but they
-  are not one atomic step: a kill in the instant between two renames leaves the earlier outputs new
-  and the later ones old (a rerun rewrites both and removes the leftover temporary files), so write
-  the file that marks a complete set (a manifest, config.json) last. A nested block joins the outer one.
+  output keeps its old bytes. The renames are the only step left after every byte is on disk, but
+  they are not one atomic step: a kill in the instant between two renames leaves the earlier outputs
+  new and the later ones old (a rerun rewrites both and removes the leftover temporary files), so
+  write the file that marks a complete set (a manifest, config.json) last. A nested block joins the
+  outer one.
   """
   if _staged.get() is not None:
     yield
@@ -405,8 +432,9 @@ def atomic_outputs():
       _release(staged[k:], discard=True)
       _release(staged[:k], discard=False)
       done = ", ".join(str(p) for p, _, _ in staged[:k])
-      raise UserError(f"{path}: cannot write ({e.strerror})"
-                      + (f"; already replaced: {done}" if done else "")) from None
+      raise UserError(
+        f"{path}: cannot write ({e.strerror})" + (f"; already replaced: {done}" if done else "")
+      ) from None
   for directory in dict.fromkeys(p.parent for p, _, _ in staged):
     _fsync_dir(directory)
   _release(staged, discard=False)
@@ -436,10 +464,11 @@ def check_distinct_paths(outputs: dict[str, Any], inputs: dict[str, Any] | None 
   destroy data: `curate filter --output X --inconsistent X` loses the kept pairs). Keys name the
   options ("--output"); values are a path, a list of paths, or None (option not given). A UserError
   names both options."""
+
   def named(options: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     for option, value in (options or {}).items():
-      for p in ([] if value is None else value if isinstance(value, (list, tuple)) else [value]):
+      for p in [] if value is None else value if isinstance(value, (list, tuple)) else [value]:
         out.append((option, str(p)))
     return out
 
@@ -447,12 +476,15 @@ def check_distinct_paths(outputs: dict[str, Any], inputs: dict[str, Any] | None 
   for i, (option, path) in enumerate(outs):
     for other, other_path in outs[:i]:
       if same_file(path, other_path):
-        raise UserError(f"{option} {path} is the same file as {other} {other_path}: "
-                        "give each output its own path")
+        raise UserError(
+          f"{option} {path} is the same file as {other} {other_path}: give each output its own path"
+        )
     for other, other_path in ins:
       if same_file(path, other_path):
-        raise UserError(f"{option} {path} is the same file as the input {other} {other_path}: "
-                        "write the output elsewhere")
+        raise UserError(
+          f"{option} {path} is the same file as the input {other} {other_path}: "
+          "write the output elsewhere"
+        )
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -473,8 +505,9 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
 
 def _complete_records(data: bytes) -> tuple[list[dict], list[bytes], int, list[int]]:
   """An append log's complete lines: (records, their raw lines, byte length of the complete lines,
-  line numbers of unreadable ones). A torn last line (no newline: the writer was killed mid-line) ends
-  them; an unreadable complete line (damaged on disk, edited by hand) is passed over, so the records
+  line numbers of unreadable ones). A torn last line (no newline: the writer was killed mid-line)
+  ends them; an unreadable complete line (damaged on disk, edited by hand) is passed over, so the
+  records
   after it, work already done, are kept."""
   records, raw_lines, bad, good_end, pos = [], [], [], 0, 0
   for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
@@ -520,10 +553,15 @@ class AppendLog:
     records, raw_lines, good_end, bad = _complete_records(data)
     if bad:
       shown = ", ".join(str(n) for n in bad[:5]) + (", ..." if len(bad) > 5 else "")
-      log.warning("%s: dropped %d unreadable line(s) (line %s); kept its %d records", self.path, len(bad),
-                  shown, len(records))
-      # Rewritten by hand, not with atomic_open: inside an `atomic_outputs` block that would defer the
-      # rename past the appends that follow.
+      log.warning(
+        "%s: dropped %d unreadable line(s) (line %s); kept its %d records",
+        self.path,
+        len(bad),
+        shown,
+        len(records),
+      )
+      # Rewritten by hand, not with atomic_open: inside an `atomic_outputs` block that would defer
+      # the rename past the appends that follow.
       tmp = self.path.with_name(f".{self.path.name}.repair.tmp")
       with open(tmp, "wb") as f:
         f.writelines(raw_lines)

@@ -23,9 +23,17 @@ def is_training_workdir(path: PathLike) -> bool:
   return (Path(path) / "manifest.json").is_file()
 
 
-def load_model(path: PathLike, *, dtype: str = "float32", devices=None, min_pixels: int | None = None,
-               max_pixels: int | None = None, processor_dir: PathLike | None = None,
-               image_preprocess: str | None = None, template: str | None = None):
+def load_model(
+  path: PathLike,
+  *,
+  dtype: str = "float32",
+  devices=None,
+  min_pixels: int | None = None,
+  max_pixels: int | None = None,
+  processor_dir: PathLike | None = None,
+  image_preprocess: str | None = None,
+  template: str | None = None,
+):
   """`(RewardModel, Processor)` from an HF directory or a training workdir.
 
   Pixel limits left `None` come from the model directory's processor files (HF) or from the run's
@@ -41,17 +49,25 @@ def load_model(path: PathLike, *, dtype: str = "float32", devices=None, min_pixe
     model, run_cfg = load_model_from_workdir(path, dtype=dtype, devices=devices)
     source = run_cfg.model.path or processor_dir
     if not source:
-      raise UserError(f"{path}: the run started from a preset, not an HF directory, so its tokenizer is "
-                      f"unknown; export it (mrm-jax export) next to a tokenizer, or pass one")
+      raise UserError(
+        f"{path}: the run started from a preset, not an HF directory, so its tokenizer is "
+        f"unknown; export it (mrm-jax export) next to a tokenizer, or pass one"
+      )
     min_pixels = int(run_cfg.data.min_pixels) if min_pixels is None else min_pixels
     max_pixels = int(run_cfg.data.max_pixels) if max_pixels is None else max_pixels
     image_preprocess = image_preprocess or run_cfg.data.get("image_preprocess", None)
     template = template or run_cfg.data.get("template", None)
   else:
     model, source = hf_io.load_hf(path, dtype=dtype), path
-  processor = Processor.from_pretrained(source, model.family, model.config, min_pixels=min_pixels,
-                                        max_pixels=max_pixels, image_preprocess=image_preprocess,
-                                        template=template)
+  processor = Processor.from_pretrained(
+    source,
+    model.family,
+    model.config,
+    min_pixels=min_pixels,
+    max_pixels=max_pixels,
+    image_preprocess=image_preprocess,
+    template=template,
+  )
   return model, processor
 
 

@@ -21,8 +21,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 
@@ -52,8 +52,9 @@ def model_fingerprint(path: Path) -> str:
     step = checkpoints.latest_step()
     checkpoints.close()
     return digest({"manifest": file_sha256(path / "manifest.json"), "step": step})
-  files = sorted((str(p.relative_to(path)), p.stat().st_size)
-                 for p in path.rglob("*") if p.is_file())
+  files = sorted(
+    (str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file()
+  )
   cfg = file_sha256(path / "config.json") if (path / "config.json").is_file() else None
   return digest({"config": cfg, "files": files})
 
@@ -62,6 +63,7 @@ def model_fingerprint(path: Path) -> str:
 class StageResult:
   """What a stage body made: its output files, counts for the manifest and the progress line,
   and any further manifest entries."""
+
   outputs: dict[str, Path]
   counts: dict
   extra: dict = dataclasses.field(default_factory=dict)
@@ -100,10 +102,19 @@ class Stage:
         f.write(self.key)
 
   def finish(self, result: StageResult, seconds: float) -> dict:
-    outputs = {k: {"path": os.path.relpath(p, self.dir), "sha256": file_sha256(p)}
-               for k, p in result.outputs.items()}
-    man = {"stage": self.name, "key": self.key, "inputs": self.inputs, "outputs": outputs,
-           "counts": result.counts, "seconds": round(seconds, 3), **result.extra}
+    outputs = {
+      k: {"path": os.path.relpath(p, self.dir), "sha256": file_sha256(p)}
+      for k, p in result.outputs.items()
+    }
+    man = {
+      "stage": self.name,
+      "key": self.key,
+      "inputs": self.inputs,
+      "outputs": outputs,
+      "counts": result.counts,
+      "seconds": round(seconds, 3),
+      **result.extra,
+    }
     write_json(self.manifest_path, man)
     return man
 
@@ -113,12 +124,19 @@ def read_stage_manifest(path: Path) -> dict:
   atomically) is a UserError naming it rather than a silently redone stage."""
   man = read_json_object(path)
   outputs = man.get("outputs")
-  ok = isinstance(man.get("key"), str) and isinstance(outputs, dict) and all(
+  ok = (
+    isinstance(man.get("key"), str)
+    and isinstance(outputs, dict)
+    and all(
       isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("sha256"), str)
-      for r in outputs.values())
+      for r in outputs.values()
+    )
+  )
   if not ok:
-    raise UserError(f"{path}: not a stage manifest (needs 'key' and 'outputs' "
-                    "{name: {path, sha256}}); delete it to redo the stage")
+    raise UserError(
+      f"{path}: not a stage manifest (needs 'key' and 'outputs' "
+      "{name: {path, sha256}}); delete it to redo the stage"
+    )
   return man
 
 
@@ -145,8 +163,16 @@ class StageRunner:
   def sync(self, name: str) -> None:
     barrier(f"curate:{name}")
 
-  def run(self, directory: Path, name: str, inputs: dict, settings: dict,
-          body: Callable[[Path], StageResult], *, everyone: bool = False) -> dict:
+  def run(
+    self,
+    directory: Path,
+    name: str,
+    inputs: dict,
+    settings: dict,
+    body: Callable[[Path], StageResult],
+    *,
+    everyone: bool = False,
+  ) -> dict:
     """The manifest of the stage: `body(directory)` is run unless the stage is done."""
     stage = Stage(directory, name, inputs, settings)
     man = stage.finished()

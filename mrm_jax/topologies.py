@@ -16,10 +16,10 @@ from mrm_jax.errors import UserError
 class Topology:
   description: str
   hosts: int
-  devices: int                      # accelerator devices (TPU chips / GPUs) in all
-  mesh: tuple[int, int, int]        # (data, fsdp, tensor)
-  per_device_pairs: int             # pairs per device per micro-batch
-  global_pairs: int = 512           # pairs per optimizer step (paper: 512)
+  devices: int  # accelerator devices (TPU chips / GPUs) in all
+  mesh: tuple[int, int, int]  # (data, fsdp, tensor)
+  per_device_pairs: int  # pairs per device per micro-batch
+  global_pairs: int = 512  # pairs per optimizer step (paper: 512)
 
   @property
   def grad_accum(self) -> int:
@@ -27,15 +27,23 @@ class Topology:
 
 
 TOPOLOGIES = {
-    # TPU v5p-64: 32 chips (95 GB HBM each) on 8 hosts. An 8B model plus AdamW fits with pure FSDP.
-    "v5p-64": Topology("TPU v5p-64 (32 chips, 8 hosts)", hosts=8, devices=32, mesh=(1, 32, 1), per_device_pairs=4),
-    # TPU v5e-256: 256 chips (16 GB HBM each) on 64 hosts: FSDP within 16-chip groups, data parallel across.
-    "v5e-256": Topology("TPU v5e-256 (256 chips, 64 hosts)", hosts=64, devices=256, mesh=(16, 16, 1),
-                        per_device_pairs=1),
-    # One node of 8 H100/H200 GPUs: FSDP over NVLink.
-    "h200x8": Topology("1 node x 8 H100/H200", hosts=1, devices=8, mesh=(1, 8, 1), per_device_pairs=8),
-    # Four such nodes: FSDP inside a node (NVLink), data parallel across nodes (InfiniBand).
-    "h200x8x4": Topology("4 nodes x 8 H100/H200", hosts=4, devices=32, mesh=(4, 8, 1), per_device_pairs=4),
+  # TPU v5p-64: 32 chips (95 GB HBM each) on 8 hosts. An 8B model plus AdamW fits with pure FSDP.
+  "v5p-64": Topology(
+    "TPU v5p-64 (32 chips, 8 hosts)", hosts=8, devices=32, mesh=(1, 32, 1), per_device_pairs=4
+  ),
+  # TPU v5e-256: 256 chips (16 GB HBM each) on 64 hosts: FSDP within 16-chip groups, data parallel
+  # across.
+  "v5e-256": Topology(
+    "TPU v5e-256 (256 chips, 64 hosts)", hosts=64, devices=256, mesh=(16, 16, 1), per_device_pairs=1
+  ),
+  # One node of 8 H100/H200 GPUs: FSDP over NVLink.
+  "h200x8": Topology(
+    "1 node x 8 H100/H200", hosts=1, devices=8, mesh=(1, 8, 1), per_device_pairs=8
+  ),
+  # Four such nodes: FSDP inside a node (NVLink), data parallel across nodes (InfiniBand).
+  "h200x8x4": Topology(
+    "4 nodes x 8 H100/H200", hosts=4, devices=32, mesh=(4, 8, 1), per_device_pairs=4
+  ),
 }
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def one_error_line(capsys, *needles) -> str:
-  """The one stderr line a failed command printed: no traceback, no temporary file named, every needle
+  """The one stderr line a failed command printed: no traceback, no temporary file named, every
+  needle
   in it."""
   err = capsys.readouterr().err
   assert "Traceback" not in err

@@ -11,14 +11,15 @@ import re
 import sys
 
 ALLOWED = (
-    re.compile(r"^\[[\w .:/()-]+\] "),                       # the project's stage lines
-    re.compile(r"^\d\d:\d\d:\d\d I mrm_jax[\w.]*\] "),       # the project's INFO log lines
+  re.compile(r"^\[[\w .:/()-]+\] "),  # the project's stage lines
+  re.compile(r"^\d\d:\d\d:\d\d I mrm_jax[\w.]*\] "),  # the project's INFO log lines
 )
 
 
 def unexpected_lines(text: str) -> list[str]:
-  return [line for line in text.splitlines()
-          if line.strip() and not any(p.match(line) for p in ALLOWED)]
+  return [
+    line for line in text.splitlines() if line.strip() and not any(p.match(line) for p in ALLOWED)
+  ]
 
 
 def main(path: str) -> int:

@@ -13,8 +13,16 @@ from mrm_jax.curate.steps import vote
 from mrm_jax.demo.curation import SimulatedPairJudge
 from mrm_jax.errors import UserError
 
-QUEUE = [{"id": f"q{i}", "images": [], "question": f"What colour is shape {i}?",
-          "chosen": f"It is red {i}.", "rejected": f"It is blue {i}."} for i in range(4)]
+QUEUE = [
+  {
+    "id": f"q{i}",
+    "images": [],
+    "question": f"What colour is shape {i}?",
+    "chosen": f"It is red {i}.",
+    "rejected": f"It is blue {i}.",
+  }
+  for i in range(4)
+]
 
 
 def _write(path, rows):
@@ -40,8 +48,11 @@ def queue(tmp_path):
 @pytest.fixture
 def truth(tmp_path):
   """The rejected answers are the right ones: a judge that knows should overturn every label."""
-  rows = [{"images": [], "question": p["question"], "answer": p[side], "correct": side == "rejected"}
-          for p in QUEUE for side in ("chosen", "rejected")]
+  rows = [
+    {"images": [], "question": p["question"], "answer": p[side], "correct": side == "rejected"}
+    for p in QUEUE
+    for side in ("chosen", "rejected")
+  ]
   return _write(tmp_path / "truth.jsonl", rows)
 
 
@@ -52,7 +63,8 @@ def test_simulated_judge_asks_both_orders_resumably(queue, truth, tmp_path):
   judge.judge(queue, out, 0, lambda: ticks.append(1))
   first = _jsonl(out)
   assert sorted((j["id"], tuple(j["order"])) for j in first) == sorted(
-      (p["id"], o) for p in QUEUE for o in ((0, 1), (1, 0)))
+    (p["id"], o) for p in QUEUE for o in ((0, 1), (1, 0))
+  )
   assert len(ticks) == len(first) == 2 * len(QUEUE)
   result = vote(QUEUE, first, min_votes=2)
   assert sum(p["meta"]["vote"]["swapped"] for p in result.kept) >= len(QUEUE) - 1
@@ -63,8 +75,18 @@ def test_simulated_judge_asks_both_orders_resumably(queue, truth, tmp_path):
 
 
 def test_stored_judge_takes_the_queued_pairs_judgments_of_its_round(queue, tmp_path):
-  rows = [{"id": p["id"], "mode": "pairwise", "order": [0, 1], "raw": "", "scores": [8, 2],
-           "error": None, "judge": "hand"} for p in QUEUE]
+  rows = [
+    {
+      "id": p["id"],
+      "mode": "pairwise",
+      "order": [0, 1],
+      "raw": "",
+      "scores": [8, 2],
+      "error": None,
+      "judge": "hand",
+    }
+    for p in QUEUE
+  ]
   _write(tmp_path / "round_1.jsonl", rows + [{**rows[0], "id": "elsewhere"}])
   judge = StoredPairJudge(_judge_cfg(kind="stored", files=str(tmp_path / "round_{round}.jsonl")))
   out = tmp_path / "judgments.jsonl"

@@ -26,12 +26,27 @@ def test_single_process_is_a_no_op():
   assert d.resolve(args(), env={}) is None
   assert d.resolve(args(coordinator_address="h:1", num_processes=1, process_id=0), env={}) is None
   # a one-task SLURM allocation is a single process too
-  assert d.resolve(args(), env={"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
-                                "SLURM_JOB_NODELIST": "n1"}) is None
+  assert (
+    d.resolve(
+      args(),
+      env={
+        "SLURM_JOB_ID": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NODELIST": "n1",
+      },
+    )
+    is None
+  )
 
 
 def test_explicit_flags_win_and_are_checked():
-  env = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "x[1-4]"}
+  env = {
+    "SLURM_JOB_ID": "9",
+    "SLURM_PROCID": "1",
+    "SLURM_NTASKS": "4",
+    "SLURM_JOB_NODELIST": "x[1-4]",
+  }
   got = d.resolve(args(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1), env=env)
   assert got == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
   with pytest.raises(UserError, match="go together"):
@@ -41,10 +56,18 @@ def test_explicit_flags_win_and_are_checked():
 
 
 def test_slurm_detection_uses_first_step_node_and_job_port():
-  env = {"SLURM_JOB_ID": "123456", "SLURM_PROCID": "3", "SLURM_NTASKS": "8",
-         "SLURM_JOB_NODELIST": "gpu[10-11]", "SLURM_STEP_NODELIST": "gpu[11-12]"}
-  assert d.resolve(args(), env=env) == {"coordinator_address": f"gpu11:{12355 + 456}", "num_processes": 8,
-                                        "process_id": 3}
+  env = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_PROCID": "3",
+    "SLURM_NTASKS": "8",
+    "SLURM_JOB_NODELIST": "gpu[10-11]",
+    "SLURM_STEP_NODELIST": "gpu[11-12]",
+  }
+  assert d.resolve(args(), env=env) == {
+    "coordinator_address": f"gpu11:{12355 + 456}",
+    "num_processes": 8,
+    "process_id": 3,
+  }
   env["MRM_JAX_COORDINATOR_PORT"] = "7777"
   del env["SLURM_STEP_NODELIST"]
   assert d.resolve(args(), env=env)["coordinator_address"] == "gpu10:7777"

@@ -57,24 +57,34 @@ def _unit(module: str) -> str:
 
 
 def _importers_of(prefix: str) -> set[str]:
-  return {m for m, deps in GRAPH.items() for d, _ in deps if d == prefix or d.startswith(prefix + ".")}
+  return {
+    m for m, deps in GRAPH.items() for d, _ in deps if d == prefix or d.startswith(prefix + ".")
+  }
 
 
 def test_the_graph_is_read():
   assert len(MODULES) > 40
-  assert ("mrm_jax.commands.score", True) not in GRAPH["mrm_jax.cli"]  # cli.py loads commands by name
+  assert ("mrm_jax.commands.score", True) not in GRAPH[
+    "mrm_jax.cli"
+  ]  # cli.py loads commands by name
   assert ("mrm_jax.train.loop", True) in GRAPH["mrm_jax.loading"]
 
 
 def test_only_the_command_layer_imports_commands():
-  bad = {m for m in _importers_of("mrm_jax.commands") | _importers_of("mrm_jax.cli")
-         if not (m == "mrm_jax.cli" or m.startswith("mrm_jax.commands"))}
+  bad = {
+    m
+    for m in _importers_of("mrm_jax.commands") | _importers_of("mrm_jax.cli")
+    if not (m == "mrm_jax.cli" or m.startswith("mrm_jax.commands"))
+  }
   assert not bad, f"library modules importing the command layer: {sorted(bad)}"
 
 
 def test_only_commands_import_the_demo():
-  bad = {m for m in _importers_of("mrm_jax.demo")
-         if not (m.startswith("mrm_jax.demo") or m.startswith("mrm_jax.commands"))}
+  bad = {
+    m
+    for m in _importers_of("mrm_jax.demo")
+    if not (m.startswith("mrm_jax.demo") or m.startswith("mrm_jax.commands"))
+  }
   assert not bad, f"library modules importing mrm_jax.demo: {sorted(bad)}"
 
 
@@ -121,8 +131,15 @@ def test_no_two_subpackages_import_each_other():
       if _unit(d) != _unit(m):
         units[_unit(m)].add(_unit(d))
   cycles = _cycles(units)
-  detail = [[f"{m} -> {d}" for m, deps in GRAPH.items() for d, _ in deps
-             if _unit(m) in c and _unit(d) in c and _unit(m) != _unit(d)] for c in cycles]
+  detail = [
+    [
+      f"{m} -> {d}"
+      for m, deps in GRAPH.items()
+      for d, _ in deps
+      if _unit(m) in c and _unit(d) in c and _unit(m) != _unit(d)
+    ]
+    for c in cycles
+  ]
   assert not cycles, f"import cycles between parts of the package: {detail}"
 
 

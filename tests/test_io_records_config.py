@@ -20,7 +20,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 def test_non_object_line_is_an_error(tmp_path):
   p = tmp_path / "in.jsonl"
-  p.write_text('[1, 2]\n')
+  p.write_text("[1, 2]\n")
   with pytest.raises(UserError, match=r"in\.jsonl:1: expected a JSON object"):
     list(iter_jsonl(p))
 
@@ -55,11 +55,20 @@ def test_append_log_repairs_torn_last_line(tmp_path):
 
 
 def test_llamafactory_round_trip():
-  lf = {"conversations": [{"from": "human", "value": "<image>What colour?"}],
-        "chosen": {"from": "gpt", "value": "Red."}, "rejected": {"from": "gpt", "value": "Blue."},
-        "images": ["a.png"], "system": "sys", "extra_field": [1, 2]}
+  lf = {
+    "conversations": [{"from": "human", "value": "<image>What colour?"}],
+    "chosen": {"from": "gpt", "value": "Red."},
+    "rejected": {"from": "gpt", "value": "Blue."},
+    "images": ["a.png"],
+    "system": "sys",
+    "extra_field": [1, 2],
+  }
   pair = records.normalize_pair(lf)
-  assert pair["question"] == "<image>What colour?" and pair["chosen"] == "Red." and pair["images"] == ["a.png"]
+  assert (
+    pair["question"] == "<image>What colour?"
+    and pair["chosen"] == "Red."
+    and pair["images"] == ["a.png"]
+  )
   assert records.to_llamafactory(pair) == lf
 
 
@@ -69,7 +78,9 @@ def test_pair_validation_names_the_field():
 
 
 def test_score_key_ignores_placeholders_and_whitespace():
-  assert records.score_key(["a.png"], " <image>\nWhat is it? ", "x") == records.score_key("a.png", "What is it?", "x")
+  assert records.score_key(["a.png"], " <image>\nWhat is it? ", "x") == records.score_key(
+    "a.png", "What is it?", "x"
+  )
 
 
 def test_resolve_image_refuses_escapes(tmp_path):
@@ -82,9 +93,19 @@ def test_resolve_image_refuses_escapes(tmp_path):
 
 
 def test_config_overrides_typed_and_unknown_keys_fail():
-  cfg = config_lib.load_config("configs/demo.py", ["--config.train.num_steps=7", "--config.train.learning_rate", "0.5",
-                                                    "--config.model.freeze_vision=false", "--config.data.seq_buckets=(64,128)"])
-  assert cfg.train.num_steps == 7 and cfg.train.learning_rate == 0.5 and cfg.model.freeze_vision is False
+  cfg = config_lib.load_config(
+    "configs/demo.py",
+    [
+      "--config.train.num_steps=7",
+      "--config.train.learning_rate",
+      "0.5",
+      "--config.model.freeze_vision=false",
+      "--config.data.seq_buckets=(64,128)",
+    ],
+  )
+  assert (
+    cfg.train.num_steps == 7 and cfg.train.learning_rate == 0.5 and cfg.model.freeze_vision is False
+  )
   assert tuple(cfg.data.seq_buckets) == (64, 128)
   with pytest.raises(UserError, match="unknown config key 'train.num_stepz'"):
     config_lib.load_config("configs/demo.py", ["--config.train.num_stepz=3"])
@@ -93,9 +114,24 @@ def test_config_overrides_typed_and_unknown_keys_fail():
 
 
 def test_every_config_file_loads_with_the_contract_keys():
-  keys = ["seed", "model.family", "model.path", "data.train", "data.eval", "train.num_steps", "train.batch_size",
-          "train.learning_rate", "train.warmup_ratio", "train.log_every", "train.checkpoint_every", "train.eval_every",
-          "mesh.data", "mesh.fsdp", "mesh.tensor", "loss.margin_scale"]
+  keys = [
+    "seed",
+    "model.family",
+    "model.path",
+    "data.train",
+    "data.eval",
+    "train.num_steps",
+    "train.batch_size",
+    "train.learning_rate",
+    "train.warmup_ratio",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.eval_every",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+    "loss.margin_scale",
+  ]
   for path in sorted(config_lib.REPO_CONFIGS.glob("*.py")):
     cfg = config_lib.load_config(str(path))
     for key in keys:
@@ -114,6 +150,7 @@ def test_append_log_keeps_the_records_after_a_damaged_line(tmp_path, caplog):
   """A complete line that is not a record (damaged on disk, edited by hand) drops only itself: the
   work recorded after it is kept; a torn last line (a kill mid-write) is cut as before."""
   from mrm_jax.io import AppendLog
+
   path = tmp_path / "log.jsonl"
   path.write_bytes(b'{"id": "a"}\n\xff\xfegarbage\n{"id": "b"}\n[1, 2]\n{"id": "c"}\n{"id": "torn')
   with caplog.at_level("WARNING"):

@@ -124,7 +124,9 @@ class FakeJudge:
     if fault == "malformed":
       return self._send(h, 200, self._chat("Both assistants did fine; I prefer the first one."))
     if fault == "short":
-      return self._send(h, 200, self._chat(self._json(item_id, scores[:-1] or [1.0, 2.0], False, fmt)))
+      return self._send(
+        h, 200, self._chat(self._json(item_id, scores[:-1] or [1.0, 2.0], False, fmt))
+      )
     if fault == "long":
       return self._send(h, 200, self._chat(self._json(item_id, scores + [5.0], False, fmt)))
     if self.delay:
@@ -135,8 +137,13 @@ class FakeJudge:
 
   @staticmethod
   def _chat(content):
-    return {"id": "x", "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+    return {
+      "id": "x",
+      "object": "chat.completion",
+      "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+      ],
+    }
 
   @staticmethod
   def _json(item_id, scores, pointwise, fmt):
@@ -159,6 +166,7 @@ class FakeJudge:
 
 def write_candidates(tmp: Path, n_items: int, sizes=(2, 3, 4)) -> Path:
   from PIL import Image
+
   (tmp / "img").mkdir(exist_ok=True)
   lines = []
   for k in range(n_items):
@@ -166,8 +174,15 @@ def write_candidates(tmp: Path, n_items: int, sizes=(2, 3, 4)) -> Path:
     Image.new("RGB", (4, 4), (k * 20 % 255, 0, 0)).save(tmp / "img" / f"{k}.png")
     n = sizes[k % len(sizes)]
     responses = [f"Answer R{i} of {iid}: " + "words " * (3 * i + k % 2) for i in range(n)]
-    lines.append({"id": iid, "images": [f"img/{k}.png"], "question": f"<image>Question about {iid}?",
-                  "reference": "probably a square", "responses": responses})
+    lines.append(
+      {
+        "id": iid,
+        "images": [f"img/{k}.png"],
+        "question": f"<image>Question about {iid}?",
+        "reference": "probably a square",
+        "responses": responses,
+      }
+    )
   path = tmp / "cands.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in lines))
   return path
@@ -176,9 +191,30 @@ def write_candidates(tmp: Path, n_items: int, sizes=(2, 3, 4)) -> Path:
 def judge_cmd(inp, out, url, *extra):
   verbose = ["-v"] if "-v" in extra else []
   extra = [x for x in extra if x != "-v"]
-  return [sys.executable, "-m", "mrm_jax.cli", *verbose, "judge", "--input", str(inp), "--output", str(out),
-          "--base-url", url, "--judge-model", "fake-judge", "--api-key-env", "MRM_TEST_JUDGE_KEY",
-          "--timeout", str(CLIENT_TIMEOUT), "--backoff", "0.01", "--max-backoff", "0.05", *map(str, extra)]
+  return [
+    sys.executable,
+    "-m",
+    "mrm_jax.cli",
+    *verbose,
+    "judge",
+    "--input",
+    str(inp),
+    "--output",
+    str(out),
+    "--base-url",
+    url,
+    "--judge-model",
+    "fake-judge",
+    "--api-key-env",
+    "MRM_TEST_JUDGE_KEY",
+    "--timeout",
+    str(CLIENT_TIMEOUT),
+    "--backoff",
+    "0.01",
+    "--max-backoff",
+    "0.05",
+    *map(str, extra),
+  ]
 
 
 def env():
@@ -192,11 +228,14 @@ def read_out(path: Path):
 
 
 def check_against_server(records, server, items, mode, repeats, seed):
-  """Exactly `repeats` valid judgments per item whose (order, scores) the server saw and answered."""
+  """Exactly `repeats` valid judgments per item whose (order, scores) the server saw and
+  answered."""
   assert all(list(r) == ["id", "mode", "order", "raw", "scores", "error", "judge"] for r in records)
   jobs, _ = plan_jobs(items, mode, repeats, seed)
   want = collections.Counter((j.item.id, j.order) for j in jobs)
-  got = collections.Counter((r["id"], tuple(r["order"])) for r in records if r["scores"] is not None)
+  got = collections.Counter(
+    (r["id"], tuple(r["order"])) for r in records if r["scores"] is not None
+  )
   assert got == want
   for r in records:
     if r["scores"] is None:
@@ -220,9 +259,26 @@ def test_listwise_with_injected_faults(tmp_path):
   out = tmp_path / "judgments.jsonl"
   server = FakeJudge(faults)
   try:
-    proc = subprocess.run(judge_cmd(inp, out, server.url, "--repeats", 2, "--concurrency", 6,
-                                    "--max-retries", 4, "--seed", 7, "-v"),
-                          env=env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+      judge_cmd(
+        inp,
+        out,
+        server.url,
+        "--repeats",
+        2,
+        "--concurrency",
+        6,
+        "--max-retries",
+        4,
+        "--seed",
+        7,
+        "-v",
+      ),
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
   finally:
     server.close()
   assert proc.returncode == 0, proc.stderr
@@ -237,7 +293,9 @@ def test_listwise_with_injected_faults(tmp_path):
   for kind in ("429", "500", "timeout", "malformed", "short", "long", "garbage"):
     assert kinds[kind] > 0, kind
   by_key = collections.defaultdict(list)
-  jobs_per_key = collections.Counter((j.item.id, j.order) for j in plan_jobs(items, "listwise", 2, 7)[0])
+  jobs_per_key = collections.Counter(
+    (j.item.id, j.order) for j in plan_jobs(items, "listwise", 2, 7)[0]
+  )
   for t, iid, order, kind in server.events:
     if jobs_per_key[(iid, order)] == 1:  # one job per key: its events are one retry sequence
       by_key[(iid, order)].append((t, kind))
@@ -255,38 +313,58 @@ def test_failures_are_recorded_then_retried(tmp_path):
   out = tmp_path / "j.jsonl"
   server = FakeJudge(always_fail={"item-1": "malformed", "item-2": "500", "item-3": "400"})
   try:
-    proc = subprocess.run(judge_cmd(inp, out, server.url, "--repeats", 2, "--max-retries", 2, "--no-progress"),
-                          env=env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+      judge_cmd(inp, out, server.url, "--repeats", 2, "--max-retries", 2, "--no-progress"),
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_out(out)
-    # item-1's judge answers, but never usably: K = 2 jobs, each tried 1 + R = 3 times, then recorded
-    # with the error (DESIGN §7.2).
+    # item-1's judge answers, but never usably: K = 2 jobs, each tried 1 + R = 3 times, then
+    # recorded with the error (DESIGN §7.2).
     failed = [r for r in records if r["id"] == "item-1"]
     assert len(failed) == 2 and all(r["scores"] is None and r["raw"] for r in failed)
     assert all("unusable answer" in r["error"] and "3 attempts" in r["error"] for r in failed)
     assert server.attempts[("item-1", tuple(failed[0]["order"]))] >= 3
     # item-3 gets 400 (this request cannot succeed): recorded after one attempt, not retried.
     refused = [r for r in records if r["id"] == "item-3"]
-    assert len(refused) == 2 and all(r["scores"] is None and "HTTP 400" in r["error"] and "1 attempt)" in r["error"]
-                                     for r in refused)
+    assert len(refused) == 2 and all(
+      r["scores"] is None and "HTTP 400" in r["error"] and "1 attempt)" in r["error"]
+      for r in refused
+    )
     assert sum(server.attempts[k] for k in server.attempts if k[0] == "item-3") == 2
-    # item-2 gets 500s: the judge was never heard, so nothing is recorded; the run says so (the server
-    # echoed the key into its error body: redacted).
+    # item-2 gets 500s: the judge was never heard, so nothing is recorded; the run says so (the
+    # server echoed the key into its error body: redacted).
     assert not [r for r in records if r["id"] == "item-2"] and len(records) == 6
     assert sum(server.attempts[k] for k in server.attempts if k[0] == "item-2") == 2 * 3
-    assert "2 job(s) got no answer" in proc.stderr and "HTTP 500" in proc.stderr and "***" in proc.stderr
+    assert (
+      "2 job(s) got no answer" in proc.stderr and "HTTP 500" in proc.stderr and "***" in proc.stderr
+    )
     assert KEY not in proc.stderr + proc.stdout
-    # A plain restart asks item-2 again and nothing else; --retry-failed then redoes the recorded failures.
+    # A plain restart asks item-2 again and nothing else; --retry-failed then redoes the recorded
+    # failures.
     server.always_fail = {"item-1": "malformed", "item-3": "400"}
     n_requests = len(server.events)
-    proc = subprocess.run(judge_cmd(inp, out, server.url, "--repeats", 2, "--no-progress"),
-                          env=env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+      judge_cmd(inp, out, server.url, "--repeats", 2, "--no-progress"),
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert proc.returncode == 0 and proc.stderr == "" and len(read_out(out)) == 8
     assert len(server.events) == n_requests + 2
     server.always_fail.clear()
     n_requests = len(server.events)
-    proc = subprocess.run(judge_cmd(inp, out, server.url, "--repeats", 2, "--no-progress", "--retry-failed"),
-                          env=env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+      judge_cmd(inp, out, server.url, "--repeats", 2, "--no-progress", "--retry-failed"),
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
   finally:
     server.close()
@@ -300,8 +378,12 @@ def test_kill_and_resume(tmp_path):
   out = tmp_path / "j.jsonl"
   server = FakeJudge(delay=0.03)
   try:
-    proc = subprocess.Popen(judge_cmd(inp, out, server.url, "--repeats", 2, "--concurrency", 2, "--seed", 3),
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+      judge_cmd(inp, out, server.url, "--repeats", 2, "--concurrency", 2, "--seed", 3),
+      env=env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
       if out.exists() and out.read_text().count("\n") >= 12:
@@ -314,13 +396,18 @@ def test_kill_and_resume(tmp_path):
     with open(out, "a") as f:  # what a kill in the middle of a write leaves behind
       f.write('{"id": "item-0", "mode": "listwise", "ord')
     answered_before = sum(len(v) for v in server.answered.values())
-    proc2 = subprocess.run(judge_cmd(inp, out, server.url, "--repeats", 2, "--concurrency", 2, "--seed", 3),
-                           env=env(), capture_output=True, text=True, timeout=60)
+    proc2 = subprocess.run(
+      judge_cmd(inp, out, server.url, "--repeats", 2, "--concurrency", 2, "--seed", 3),
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
   finally:
     server.close()
   assert proc2.returncode == 0, proc2.stderr
   records = read_out(out)
-  assert len(records) == 60 and records[:len(done_before)] == done_before
+  assert len(records) == 60 and records[: len(done_before)] == done_before
   check_against_server(records, server, read_items(inp), "listwise", 2, 3)
   # The restart asked only for what was missing (plus nothing the first run had finished).
   answered_after = sum(len(v) for v in server.answered.values())
@@ -330,33 +417,55 @@ def test_kill_and_resume(tmp_path):
 
 
 def read_out_lenient(path):
-  return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+  return [
+    json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")
+  ]
 
 
 def test_pairwise_queue_and_pointwise(tmp_path):
   from PIL import Image
+
   Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
   queue = tmp_path / "queue.jsonl"
-  pairs = [{"id": f"q-{k}", "images": ["a.png"], "question": f"Question about q-{k}?",
-            "chosen": f"Answer R0 of q-{k}: yes", "rejected": f"Answer R1 of q-{k}: no"} for k in range(3)]
+  pairs = [
+    {
+      "id": f"q-{k}",
+      "images": ["a.png"],
+      "question": f"Question about q-{k}?",
+      "chosen": f"Answer R0 of q-{k}: yes",
+      "rejected": f"Answer R1 of q-{k}: no",
+    }
+    for k in range(3)
+  ]
   queue.write_text("".join(json.dumps(p) + "\n" for p in pairs))
   server = FakeJudge(lambda i, o: ["500"] if o == (1, 0) else [])
   try:
     out = tmp_path / "pw.jsonl"
-    proc = subprocess.run(judge_cmd(queue, out, server.url, "--mode", "pairwise", "--repeats", 2, "--no-progress"),
-                          env=env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+      judge_cmd(queue, out, server.url, "--mode", "pairwise", "--repeats", 2, "--no-progress"),
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_out(out)
     check_against_server(records, server, read_items(queue), "pairwise", 2, 0)
     # Both orders of every queued pair; order [0, 1] means the original chosen came first.
     assert sorted((r["id"], tuple(r["order"])) for r in records) == sorted(
-        (p["id"], o) for p in pairs for o in [(0, 1), (1, 0)])
+      (p["id"], o) for p in pairs for o in [(0, 1), (1, 0)]
+    )
     assert all(r["scores"][r["order"].index(1)] > r["scores"][r["order"].index(0)] for r in records)
 
     cands = write_candidates(tmp_path, 3)
     out = tmp_path / "pt.jsonl"
-    proc = subprocess.run(judge_cmd(cands, out, server.url, "--mode", "pointwise", "--repeats", 1, "--no-progress"),
-                          env=env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+      judge_cmd(cands, out, server.url, "--mode", "pointwise", "--repeats", 1, "--no-progress"),
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_out(out)
     assert len(records) == 2 + 3 + 4
@@ -372,16 +481,29 @@ def test_bad_key_and_bad_input(tmp_path):
   try:
     e = env()
     e["MRM_TEST_JUDGE_KEY"] = "sk-wrong-key-777"
-    proc = subprocess.run(judge_cmd(inp, out, server.url, "--no-progress"), env=e, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 2 and "HTTP 401" in proc.stderr and "sk-wrong-key-777" not in proc.stderr
+    proc = subprocess.run(
+      judge_cmd(inp, out, server.url, "--no-progress"),
+      env=e,
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
+    assert (
+      proc.returncode == 2 and "HTTP 401" in proc.stderr and "sk-wrong-key-777" not in proc.stderr
+    )
     assert not out.exists() or read_out(out) == []
     e.pop("MRM_TEST_JUDGE_KEY")
-    proc = subprocess.run(judge_cmd(inp, out, server.url), env=e, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+      judge_cmd(inp, out, server.url), env=e, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "MRM_TEST_JUDGE_KEY" in proc.stderr
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "a", "question": "q", "responses": ["x", "y"], "images": ["missing.png"]}\n')
-    proc = subprocess.run(judge_cmd(bad, out, server.url), env=env(), capture_output=True, text=True, timeout=60)
+    bad.write_text(
+      '{"id": "a", "question": "q", "responses": ["x", "y"], "images": ["missing.png"]}\n'
+    )
+    proc = subprocess.run(
+      judge_cmd(bad, out, server.url), env=env(), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and f"{bad}:1" in proc.stderr and "missing.png" in proc.stderr
   finally:
     server.close()
@@ -393,7 +515,9 @@ def test_orders_are_pure_and_differ_from_stored():
       o = presentation_order("listwise", n, 11, "x", r)
       assert sorted(o) == list(range(n)) and list(o) != list(range(n))
       assert o == presentation_order("listwise", n, 11, "x", r)
-  assert len({presentation_order("listwise", 5, s, "x", 0) for s in range(30)}) > 5  # the seed matters
+  assert (
+    len({presentation_order("listwise", 5, s, "x", 0) for s in range(30)}) > 5
+  )  # the seed matters
   # Repeats differ from each other while unused orders remain (n = 3: five non-identity orders).
   orders = presentation_orders("listwise", 3, 4, "y", 7)
   assert len(set(orders[:5])) == 5 and (0, 1, 2) not in orders and orders[5] != orders[6]
@@ -406,4 +530,5 @@ def test_orders_are_pure_and_differ_from_stored():
 @pytest.mark.parametrize("value,expected", [("2", 2.0), ("0.5", 0.5), (None, None), ("soon", None)])
 def test_retry_after(value, expected):
   from mrm_jax.judge.client import parse_retry_after
+
   assert parse_retry_after(value) == expected

@@ -16,19 +16,29 @@ import threading
 import time
 
 import pytest
-
-from test_judge_client import KEY, FakeJudge, check_against_server, env, judge_cmd, read_out, write_candidates
+from test_judge_client import (
+  KEY,
+  FakeJudge,
+  check_against_server,
+  env,
+  judge_cmd,
+  read_out,
+  write_candidates,
+)
 
 from mrm_jax import cli
-from mrm_jax.errors import UserError
 from mrm_jax.commands import judge as judge_cli
+from mrm_jax.errors import UserError
 from mrm_jax.judge.client import ChatClient, RetryableError
 from mrm_jax.judge.jobs import read_items
 
 BODIES = {
-    "html": (b"<!DOCTYPE html><html><body><h1>It works!</h1></body></html>", "text/html"),
-    "garbage": (bytes(range(256)) * 4, "application/octet-stream"),
-    "not_chat": (json.dumps({"object": "list", "data": [{"id": "some-model"}]}).encode(), "application/json"),
+  "html": (b"<!DOCTYPE html><html><body><h1>It works!</h1></body></html>", "text/html"),
+  "garbage": (bytes(range(256)) * 4, "application/octet-stream"),
+  "not_chat": (
+    json.dumps({"object": "list", "data": [{"id": "some-model"}]}).encode(),
+    "application/json",
+  ),
 }
 
 
@@ -98,22 +108,35 @@ def closed_port_url():
 
 
 def run_judge(inp, out, url, *extra):
-  return subprocess.run(judge_cmd(inp, out, url, "--no-progress", "--max-retries", 1, *extra), env=env(),
-                        capture_output=True, text=True, timeout=60)
+  return subprocess.run(
+    judge_cmd(inp, out, url, "--no-progress", "--max-retries", 1, *extra),
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
 
 
 def assert_unreachable(proc, url, first_error):
   """Exit 1 with one stderr line naming the URL and the first error, the key nowhere."""
   lines = proc.stderr.splitlines()
   assert proc.returncode == 1, proc.stderr
-  assert len(lines) == 1 and lines[0].startswith("mrm-jax judge: error: could not reach the judge at "), lines
+  assert len(lines) == 1 and lines[0].startswith(
+    "mrm-jax judge: error: could not reach the judge at "
+  ), lines
   assert url in lines[0] and first_error in lines[0]
   assert "Traceback" not in proc.stderr and KEY not in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("kind,first_error", [
-    ("closed", "Connection refused"), ("html", "not a chat completion"), ("garbage", "not a chat completion"),
-    ("not_chat", "not a chat completion")])
+@pytest.mark.parametrize(
+  "kind,first_error",
+  [
+    ("closed", "Connection refused"),
+    ("html", "not a chat completion"),
+    ("garbage", "not a chat completion"),
+    ("not_chat", "not a chat completion"),
+  ],
+)
 def test_unreachable_judge_exits_1_then_resumes(tmp_path, kind, first_error):
   inp = write_candidates(tmp_path, 3)
   out = tmp_path / "j.jsonl"
@@ -164,7 +187,8 @@ def _assert_request_ends_at_the_timeout(bad):
 
 @pytest.mark.parametrize("kind", ["trickle_headers", "trickle_body"])
 def test_timeout_bounds_the_whole_request(kind):
-  """A server sending a byte every 0.2 s never trips a per-read timeout; the request still ends at 1 s."""
+  """A server sending a byte every 0.2 s never trips a per-read timeout; the request still ends at 1
+  s."""
   bad = NotAJudge(kind)
   _assert_request_ends_at_the_timeout(bad)
 
@@ -173,19 +197,51 @@ def test_timeout_bounds_the_whole_request(kind):
 def test_timeout_bounds_the_whole_request_over_tls(tmp_path, monkeypatch):
   """Under TLS the socket read is another object (wrapping detaches the plain socket): still 1 s."""
   cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-  subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                  "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                 check=True, capture_output=True, timeout=60)
+  subprocess.run(
+    [
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-keyout",
+      key,
+      "-out",
+      cert,
+      "-days",
+      "1",
+      "-subj",
+      "/CN=localhost",
+      "-addext",
+      "subjectAltName=DNS:localhost",
+    ],
+    check=True,
+    capture_output=True,
+    timeout=60,
+  )
   monkeypatch.setenv("SSL_CERT_FILE", str(cert))
   bad = NotAJudge("trickle_body", tls=(cert, key))
   _assert_request_ends_at_the_timeout(bad)
 
 
 def test_verbose_after_any_subcommand():
-  for argv in (["judge", "--input", "a", "--output", "b", "--base-url", "http://x", "--judge-model", "m",
-                "-v"],
-               ["score", "--model", "m", "--input", "a", "--output", "b", "-v"],
-               ["curate", "flip", "--pairs", "p", "--scores", "s", "--output", "o", "--verbose"]):
+  for argv in (
+    [
+      "judge",
+      "--input",
+      "a",
+      "--output",
+      "b",
+      "--base-url",
+      "http://x",
+      "--judge-model",
+      "m",
+      "-v",
+    ],
+    ["score", "--model", "m", "--input", "a", "--output", "b", "-v"],
+    ["curate", "flip", "--pairs", "p", "--scores", "s", "--output", "o", "--verbose"],
+  ):
     args, extra = cli._build_parser(cli._selected_command(argv)).parse_known_args(argv)
     assert args.verbose is True and extra == [], argv
     args, _ = cli._build_parser(cli._selected_command(argv)).parse_known_args(argv[:-1])
@@ -200,13 +256,31 @@ def judge_parser():
   return p
 
 
-REQUIRED = ["--input", "c.jsonl", "--output", "j.jsonl", "--base-url", "http://127.0.0.1:1/v1",
-            "--judge-model", "m"]
+REQUIRED = [
+  "--input",
+  "c.jsonl",
+  "--output",
+  "j.jsonl",
+  "--base-url",
+  "http://127.0.0.1:1/v1",
+  "--judge-model",
+  "m",
+]
 
 
-@pytest.mark.parametrize("option,value", [("--timeout", "nan"), ("--timeout", "inf"), ("--timeout", "0"),
-                                          ("--timeout", "-1"), ("--concurrency", "0"), ("--repeats", "0"),
-                                          ("--max-retries", "-1"), ("--repeats", "two")])
+@pytest.mark.parametrize(
+  "option,value",
+  [
+    ("--timeout", "nan"),
+    ("--timeout", "inf"),
+    ("--timeout", "0"),
+    ("--timeout", "-1"),
+    ("--concurrency", "0"),
+    ("--repeats", "0"),
+    ("--max-retries", "-1"),
+    ("--repeats", "two"),
+  ],
+)
 def test_numeric_options_are_checked(option, value, capsys):
   with pytest.raises(SystemExit) as e:
     judge_parser().parse_args([*REQUIRED, option, value])
@@ -216,7 +290,9 @@ def test_numeric_options_are_checked(option, value, capsys):
 CANDIDATE = {"id": "a", "images": [], "question": "q?", "reference": "r", "responses": ["x", "y"]}
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize(
+  "change,message",
+  [
     ({"responses": "x"}, "'responses' should be a list of strings"),
     ({"responses": ["x", 5]}, "'responses' should be a list of strings"),
     ({"images": [3]}, "'images' should be a list of paths"),
@@ -226,51 +302,91 @@ CANDIDATE = {"id": "a", "images": [], "question": "q?", "reference": "r", "respo
     ({"id": None}, "'id'"),
     ({"id": 1.5}, "'id'"),
     ({"models": [1, 2]}, "'models' should list one model name"),
-])
+  ],
+)
 def test_bad_candidate_fields(tmp_path, change, message):
   path = tmp_path / "c.jsonl"
-  path.write_text(json.dumps(CANDIDATE) + "\n" + json.dumps({**CANDIDATE, "id": "b", **change}) + "\n")
+  path.write_text(
+    json.dumps(CANDIDATE) + "\n" + json.dumps({**CANDIDATE, "id": "b", **change}) + "\n"
+  )
   with pytest.raises(UserError, match=f"^{path}:2: .*{message}"):
     read_items(path)
 
 
-GOOD_JUDGMENT = {"id": "a", "mode": "listwise", "order": [1, 0], "raw": "{}", "scores": [1.0, 2.0],
-                 "error": None, "judge": "m"}
+GOOD_JUDGMENT = {
+  "id": "a",
+  "mode": "listwise",
+  "order": [1, 0],
+  "raw": "{}",
+  "scores": [1.0, 2.0],
+  "error": None,
+  "judge": "m",
+}
 
 
-@pytest.mark.parametrize("line,message", [
+@pytest.mark.parametrize(
+  "line,message",
+  [
     (json.dumps({**GOOD_JUDGMENT, "order": "10"}), "'order'"),
     (json.dumps({**GOOD_JUDGMENT, "id": ["a"]}), "'id'"),
     (json.dumps({**GOOD_JUDGMENT, "scores": [1, "2"]}), "'scores'"),
     (json.dumps({**GOOD_JUDGMENT, "mode": "sideways"}), "'mode'"),
-])
+  ],
+)
 def test_bad_resumed_output(tmp_path, line, message):
-  """The output being resumed is an input too: a complete line of the wrong shape is a file:line error,
+  """The output being resumed is an input too: a complete line of the wrong shape is a file:line
+  error,
   before any request."""
   inp = tmp_path / "c.jsonl"
   inp.write_text(json.dumps(CANDIDATE) + "\n")
   out = tmp_path / "j.jsonl"
   out.write_text(json.dumps(GOOD_JUDGMENT) + "\n" + line + "\n")
   before = out.read_bytes()
-  args = judge_parser().parse_args(["--input", str(inp), "--output", str(out), "--base-url",
-                                    closed_port_url(), "--judge-model", "m", "--no-progress"])
+  args = judge_parser().parse_args(
+    [
+      "--input",
+      str(inp),
+      "--output",
+      str(out),
+      "--base-url",
+      closed_port_url(),
+      "--judge-model",
+      "m",
+      "--no-progress",
+    ]
+  )
   with pytest.raises(UserError, match=f"^{out}:2: .*{message}"):
     judge_cli.run(args)
   assert out.read_bytes() == before
 
 
-@pytest.mark.parametrize("line", [json.dumps({**GOOD_JUDGMENT, "id": "x", "scores": [1, float("nan")]}),
-                                  "[1, 2]"])
+@pytest.mark.parametrize(
+  "line", [json.dumps({**GOOD_JUDGMENT, "id": "x", "scores": [1, float("nan")]}), "[1, 2]"]
+)
 def test_unreadable_resumed_line_is_dropped_and_the_rest_kept(tmp_path, line):
-  """A complete line that is no record at all (NaN is not JSON) is AppendLog's to repair: dropped with a
+  """A complete line that is no record at all (NaN is not JSON) is AppendLog's to repair: dropped
+  with a
   warning, the judgments after it kept (they are work done)."""
   inp = tmp_path / "c.jsonl"
   inp.write_text(json.dumps(CANDIDATE) + "\n")
   out = tmp_path / "j.jsonl"
   later = json.dumps({**GOOD_JUDGMENT, "order": [0, 1]})
   out.write_text(json.dumps(GOOD_JUDGMENT) + "\n" + line + "\n" + later + "\n")
-  args = judge_parser().parse_args(["--input", str(inp), "--output", str(out), "--base-url",
-                                    closed_port_url(), "--judge-model", "m", "--no-progress", "--max-retries", "0"])
+  args = judge_parser().parse_args(
+    [
+      "--input",
+      str(inp),
+      "--output",
+      str(out),
+      "--base-url",
+      closed_port_url(),
+      "--judge-model",
+      "m",
+      "--no-progress",
+      "--max-retries",
+      "0",
+    ]
+  )
   try:
     judge_cli.run(args)
   except UserError:

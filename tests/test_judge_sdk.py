@@ -53,8 +53,9 @@ class Scripted:
 
 
 def test_the_sdk_carries_the_request_with_our_timeout_and_no_retries_by_default():
-  client = ChatClient("http://127.0.0.1:1/v1/chat/completions", "m", KEY, timeout=3.5,
-                      temperature=0.0, max_tokens=9)
+  client = ChatClient(
+    "http://127.0.0.1:1/v1/chat/completions", "m", KEY, timeout=3.5, temperature=0.0, max_tokens=9
+  )
   assert isinstance(client._sdk, openai.OpenAI) and client._sdk.max_retries == 0
   assert client._sdk.timeout == 3.5 and str(client._sdk.base_url) == "http://127.0.0.1:1/v1/"
 
@@ -99,17 +100,26 @@ def test_a_stopped_run_sends_nothing():
     server.close()
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("train.num_steps=2.5", "--config.train.num_steps: expected an integer, got '2.5'"),
     ("model.freeze_vision=maybe", "--config.model.freeze_vision: expected true or false"),
     ("train.learning_rate=fast", "--config.train.learning_rate: expected a number, got 'fast'"),
-])
+  ],
+)
 def test_overrides_follow_ml_collections_types(override, message):
   with pytest.raises(UserError) as e:
     config_lib.apply_overrides(config_lib.base_config(), [f"--config.{override}"])
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
-  cfg = config_lib.apply_overrides(config_lib.base_config(), ["--config.train.learning_rate=1",
-                                                              "--config.data.seq_buckets=64,128",
-                                                              "--config.model.freeze_vision", "0"])
+  cfg = config_lib.apply_overrides(
+    config_lib.base_config(),
+    [
+      "--config.train.learning_rate=1",
+      "--config.data.seq_buckets=64,128",
+      "--config.model.freeze_vision",
+      "0",
+    ],
+  )
   assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
   assert cfg.data.seq_buckets == (64, 128) and cfg.model.freeze_vision is False

@@ -1,5 +1,6 @@
-"""Output discipline (issue 15): an output may not be an input or another output of the same command;
-several outputs are committed together; a killed run's temporary files are removed by the next run;
+"""Output discipline (issue 15): an output may not be an input or another output of the same
+command; several outputs are committed together; a killed run's temporary files are removed by the
+next run;
 outputs get the umask's permissions; errors name the output, never the temporary file."""
 
 import json
@@ -10,15 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_checks import one_error_line
 
 from mrm_jax import io
 from mrm_jax.cli import main
 from mrm_jax.errors import UserError
 
-from cli_checks import one_error_line
-
-PAIRS = [{"id": f"p{i}", "images": [], "question": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
-         for i in range(4)]
+PAIRS = [
+  {"id": f"p{i}", "images": [], "question": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+  for i in range(4)
+]
 
 
 def _write(path: Path, records) -> Path:
@@ -33,8 +35,10 @@ def pairs_and_scores(tmp_path):
   scores = []
   for i, p in enumerate(PAIRS):
     good = 1.0 if i < 2 else -1.0
-    scores += [{"images": [], "question": p["question"], "answer": p["chosen"], "score": good},
-               {"images": [], "question": p["question"], "answer": p["rejected"], "score": 0.0}]
+    scores += [
+      {"images": [], "question": p["question"], "answer": p["chosen"], "score": good},
+      {"images": [], "question": p["question"], "answer": p["rejected"], "score": 0.0},
+    ]
   return pairs, _write(tmp_path / "scores.jsonl", scores)
 
 
@@ -42,27 +46,52 @@ def _temps(directory: Path) -> list[str]:
   return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
 
 
-# -- same-path refusals --------------------------------------------------------------------------------------
+# -- same-path refusals ----------------------------------------------------------------------------
 
 
 def test_filter_refuses_one_file_for_output_and_queue(pairs_and_scores, tmp_path, capsys):
   pairs, scores = pairs_and_scores
   out = tmp_path / "out.jsonl"
   out.write_bytes(b"previous good output\n")
-  rc = main(["curate", "filter", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out),
-             "--inconsistent", str(tmp_path / "." / "out.jsonl")])
+  rc = main(
+    [
+      "curate",
+      "filter",
+      "--pairs",
+      str(pairs),
+      "--scores",
+      str(scores),
+      "--output",
+      str(out),
+      "--inconsistent",
+      str(tmp_path / "." / "out.jsonl"),
+    ]
+  )
   assert rc == 2
   one_error_line(capsys, "--inconsistent", "--output", out.name)
   assert out.read_bytes() == b"previous good output\n"
 
 
 def test_construct_refuses_report_on_the_pairs(tmp_path, capsys):
-  cand = _write(tmp_path / "cand.jsonl", [{"id": "c", "images": [], "question": "q", "responses": ["a"]}])
+  cand = _write(
+    tmp_path / "cand.jsonl", [{"id": "c", "images": [], "question": "q", "responses": ["a"]}]
+  )
   judg = _write(tmp_path / "judg.jsonl", [])
   out = tmp_path / "pairs.jsonl"
   out.write_bytes(b"old pairs\n")
-  rc = main(["construct", "--candidates", str(cand), "--judgments", str(judg), "--output", str(out),
-             "--report", str(out)])
+  rc = main(
+    [
+      "construct",
+      "--candidates",
+      str(cand),
+      "--judgments",
+      str(judg),
+      "--output",
+      str(out),
+      "--report",
+      str(out),
+    ]
+  )
   assert rc == 2
   one_error_line(capsys, "--report", "--output")
   assert out.read_bytes() == b"old pairs\n"
@@ -72,32 +101,68 @@ def test_judge_refuses_appending_into_its_input(tmp_path, capsys):
   cand = {"id": "c", "images": [], "question": "q", "responses": ["a", "b"]}
   inp = _write(tmp_path / "cand.jsonl", [cand])
   before = inp.read_bytes()
-  rc = main(["judge", "--input", str(inp), "--output", str(inp), "--base-url", "http://127.0.0.1:9/v1",
-             "--judge-model", "m", "--no-progress"])
+  rc = main(
+    [
+      "judge",
+      "--input",
+      str(inp),
+      "--output",
+      str(inp),
+      "--base-url",
+      "http://127.0.0.1:9/v1",
+      "--judge-model",
+      "m",
+      "--no-progress",
+    ]
+  )
   assert rc == 2
   one_error_line(capsys, "--output", "--input", inp.name)
   assert inp.read_bytes() == before
 
 
 def test_hard_linked_output_is_the_input(tmp_path, capsys):
-  inp = _write(tmp_path / "records.jsonl", [{"id": "a", "images": [], "question": "q", "answer": "x"}])
+  inp = _write(
+    tmp_path / "records.jsonl", [{"id": "a", "images": [], "question": "q", "answer": "x"}]
+  )
   os.link(inp, tmp_path / "alias.jsonl")
   before = inp.read_bytes()
-  rc = main(["score", "--model", str(tmp_path / "no-model"), "--input", str(inp),
-             "--output", str(tmp_path / "alias.jsonl")])
+  rc = main(
+    [
+      "score",
+      "--model",
+      str(tmp_path / "no-model"),
+      "--input",
+      str(inp),
+      "--output",
+      str(tmp_path / "alias.jsonl"),
+    ]
+  )
   assert rc == 2  # refused before the model is even looked at
   one_error_line(capsys, "alias.jsonl", "--input")
   assert inp.read_bytes() == before
 
 
-@pytest.mark.parametrize("argv", [
+@pytest.mark.parametrize(
+  "argv",
+  [
     ["curate", "flip", "--pairs", "{pairs}", "--scores", "{scores}", "--output", "{scores}"],
     ["curate", "vote", "--queue", "{pairs}", "--judgments", "{scores}", "--output", "{pairs}"],
     ["convert", "--input", "{pairs}", "--from", "canonical", "--output", "{pairs}"],
     ["t2i", "--input", "{pairs}", "--output", "{pairs}"],
     ["best-of-n", "--model", "m", "--input", "{pairs}", "--output", "{pairs}"],
-    ["evaluate", "--benchmark", "pairs", "--data", "{pairs}", "--scores", "{scores}", "--output", "{scores}"],
-])
+    [
+      "evaluate",
+      "--benchmark",
+      "pairs",
+      "--data",
+      "{pairs}",
+      "--scores",
+      "{scores}",
+      "--output",
+      "{scores}",
+    ],
+  ],
+)
 def test_every_command_refuses_an_input_as_output(argv, pairs_and_scores, capsys):
   pairs, scores = pairs_and_scores
   before = pairs.read_bytes(), scores.read_bytes()
@@ -107,29 +172,60 @@ def test_every_command_refuses_an_input_as_output(argv, pairs_and_scores, capsys
 
 
 def test_check_distinct_paths_unit(tmp_path):
-  io.check_distinct_paths({"--output": tmp_path / "a", "--report": None}, {"--pairs": [tmp_path / "b"]})
+  io.check_distinct_paths(
+    {"--output": tmp_path / "a", "--report": None}, {"--pairs": [tmp_path / "b"]}
+  )
   with pytest.raises(UserError, match=r"--report .* is the same file as --output"):
     io.check_distinct_paths({"--output": tmp_path / "a", "--report": tmp_path / "sub" / ".." / "a"})
 
 
-# -- outputs committed together ------------------------------------------------------------------------------
+# -- outputs committed together --------------------------------------------------------------------
 
 
-def test_filter_failing_second_output_leaves_the_first_untouched(pairs_and_scores, tmp_path, capsys):
+def test_filter_failing_second_output_leaves_the_first_untouched(
+  pairs_and_scores, tmp_path, capsys
+):
   pairs, scores = pairs_and_scores
   out = tmp_path / "kept.jsonl"
   out.write_bytes(b"old kept\n")
   (tmp_path / "blocker").write_text("a file where the queue's folder should be")
-  rc = main(["curate", "filter", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out),
-             "--inconsistent", str(tmp_path / "blocker" / "queue.jsonl")])
+  rc = main(
+    [
+      "curate",
+      "filter",
+      "--pairs",
+      str(pairs),
+      "--scores",
+      str(scores),
+      "--output",
+      str(out),
+      "--inconsistent",
+      str(tmp_path / "blocker" / "queue.jsonl"),
+    ]
+  )
   assert rc == 2
   one_error_line(capsys, "blocker")
   assert out.read_bytes() == b"old kept\n"
   assert _temps(tmp_path) == []
   # and when both can be written, both are
   queue = tmp_path / "queue.jsonl"
-  assert main(["curate", "filter", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out),
-               "--inconsistent", str(queue)]) == 0
+  assert (
+    main(
+      [
+        "curate",
+        "filter",
+        "--pairs",
+        str(pairs),
+        "--scores",
+        str(scores),
+        "--output",
+        str(out),
+        "--inconsistent",
+        str(queue),
+      ]
+    )
+    == 0
+  )
   assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["p0", "p1"]
   assert [json.loads(x)["id"] for x in queue.read_text().splitlines()] == ["p2", "p3"]
 
@@ -158,7 +254,7 @@ def test_atomic_outputs_exception_keeps_every_old_file(tmp_path):
       io.write_json(tmp_path / "." / "a.json", {})
 
 
-# -- stale temporary files, permissions, error names ---------------------------------------------------------
+# -- stale temporary files, permissions, error names -----------------------------------------------
 
 KILLED_WRITER = """
 import os, signal, sys
@@ -186,12 +282,19 @@ def test_killed_runs_temp_file_is_removed_by_the_next_run(pairs_and_scores, tmp_
   assert r.returncode == -signal.SIGKILL
   (stale,) = _temps(tmp_path)
   assert stale.startswith(".flipped.jsonl.") and not out.exists()
-  live = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(out)], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True)
+  live = subprocess.Popen(
+    [sys.executable, "-c", LIVE_WRITER, str(out)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert live.stdout.readline() == "ready\n"
     (held,) = set(_temps(tmp_path)) - {stale}
-    assert main(["curate", "flip", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out)]) == 0
+    assert (
+      main(["curate", "flip", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out)])
+      == 0
+    )
     assert _temps(tmp_path) == [held]  # the killed run's file is gone, the live writer's kept
   finally:
     live.communicate("\n", timeout=60)
@@ -204,7 +307,10 @@ def test_outputs_get_the_umasks_permissions(pairs_and_scores, tmp_path, umask, m
   old = os.umask(umask)
   try:
     out = tmp_path / "flipped.jsonl"
-    assert main(["curate", "flip", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out)]) == 0
+    assert (
+      main(["curate", "flip", "--pairs", str(pairs), "--scores", str(scores), "--output", str(out)])
+      == 0
+    )
     io.write_json(tmp_path / "r.json", {"x": 1})
   finally:
     os.umask(old)
@@ -215,8 +321,18 @@ def test_outputs_get_the_umasks_permissions(pairs_and_scores, tmp_path, umask, m
 def test_output_that_is_a_directory_is_named(pairs_and_scores, tmp_path, capsys):
   pairs, scores = pairs_and_scores
   (tmp_path / "outdir").mkdir()
-  rc = main(["curate", "flip", "--pairs", str(pairs), "--scores", str(scores),
-             "--output", str(tmp_path / "outdir")])
+  rc = main(
+    [
+      "curate",
+      "flip",
+      "--pairs",
+      str(pairs),
+      "--scores",
+      str(scores),
+      "--output",
+      str(tmp_path / "outdir"),
+    ]
+  )
   assert rc == 2
   one_error_line(capsys, "outdir", "is a directory")
   assert _temps(tmp_path) == [] and list((tmp_path / "outdir").iterdir()) == []
@@ -229,6 +345,7 @@ def test_write_failure_names_the_output_not_the_temp_file(tmp_path, monkeypatch)
     if str(dst).endswith("out.json"):
       raise OSError(28, "No space left on device", str(src))
     return real_replace(src, dst)
+
   monkeypatch.setattr(os, "replace", failing_replace)
   with pytest.raises(UserError) as e:
     io.write_json(tmp_path / "out.json", {"x": 1})

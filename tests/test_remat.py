@@ -14,7 +14,7 @@ from flax import nnx
 
 from test_qwen2_5_vl import jax_batch, make_example, tiny_config  # noqa: E402  (shared model-test helpers)
 
-from mrm_jax.models import create_reward_model
+from mrm_jax.models import create_reward_model, vision_layout
 from mrm_jax.train.loss import pair_loss
 from mrm_jax.train.step import split_model
 
@@ -30,7 +30,8 @@ def _batch(fam, cfg):
   examples = [make_example(cfg, s, rng) for s in SEGMENTS]
   seq_len = max(len(e["ids"]) for e in examples) + 3
   patches = sum(int(np.prod(thw)) for e in examples for _, thw, _ in e["items"])
-  return jax_batch(fam, cfg, examples, seq_len, patches + 8)
+  # the per-item vision attention layout collate adds (its NamedTuple goes through the checkpoint)
+  return vision_layout.add_layouts(jax_batch(fam, cfg, examples, seq_len, patches + 8))
 
 
 def _grads(family, cfg, batch, remat: str, freeze_vision: bool):

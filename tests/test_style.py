@@ -6,7 +6,9 @@ import numpy as np
 
 from mrm_jax.construct import style
 
-WORDS = "the a cat dog sits on mat red blue two three shape square circle left right image shows".split()
+WORDS = (
+  "the a cat dog sits on mat red blue two three shape square circle left right image shows".split()
+)
 
 
 def text(rng: random.Random, n_words: int) -> str:
@@ -49,7 +51,11 @@ def test_probe_detects_length_bias_and_balancing_removes_it():
 
   balanced = style.balance_length(pairs, seed=1)
   counts = style.length_counts(balanced)
-  assert counts["chosen_longer"] == counts["chosen_shorter"] == style.length_counts(pairs)["chosen_shorter"]
+  assert (
+    counts["chosen_longer"]
+    == counts["chosen_shorter"]
+    == style.length_counts(pairs)["chosen_shorter"]
+  )
   assert len(balanced) > 300
   ids = [p["id"] for p in balanced]
   assert ids == sorted(ids, key=int)  # input order kept
@@ -63,7 +69,7 @@ def test_probe_sees_markdown_not_only_length():
   """Same length distribution on both sides; the chosen one is formatted with bold and bullets."""
   rng = random.Random(5)
   pairs = []
-  for k in range(400):
+  for _ in range(400):
     n = rng.randint(5, 30)
     plain = " ".join(rng.choice(WORDS) for _ in range(n))
     fancy_words = [rng.choice(WORDS) for _ in range(n)]
@@ -71,15 +77,25 @@ def test_probe_sees_markdown_not_only_length():
     pairs.append({"chosen": fancy, "rejected": plain})
   assert style.probe_accuracy(pairs, seed=0) >= 0.95
   # and an unbiased set stays at chance
-  unbiased = [p if k % 2 else {"chosen": p["rejected"], "rejected": p["chosen"]}
-              for k, p in enumerate(biased_pairs(800, 0.5, seed=9))]
+  unbiased = [
+    p if k % 2 else {"chosen": p["rejected"], "rejected": p["chosen"]}
+    for k, p in enumerate(biased_pairs(800, 0.5, seed=9))
+  ]
   assert abs(style.probe_accuracy(unbiased, seed=0) - 0.5) <= 0.1
 
 
 def test_features_and_logistic_fit():
-  f = dict(zip(style.FEATURES, style.style_features("## Title\n- one\n- two 42\n1. **bold** item!")))
-  assert f["headers"] == np.log1p(1) and f["bullets"] == np.log1p(2) and f["numbered_items"] == np.log1p(1)
-  assert f["bold"] == np.log1p(1) and f["log_digits"] == np.log1p(3) and f["log_lines"] == np.log1p(4)
+  f = dict(
+    zip(style.FEATURES, style.style_features("## Title\n- one\n- two 42\n1. **bold** item!"))
+  )
+  assert (
+    f["headers"] == np.log1p(1)
+    and f["bullets"] == np.log1p(2)
+    and f["numbered_items"] == np.log1p(1)
+  )
+  assert (
+    f["bold"] == np.log1p(1) and f["log_digits"] == np.log1p(3) and f["log_lines"] == np.log1p(4)
+  )
   # logistic regression recovers a known direction
   rng = np.random.default_rng(0)
   x = rng.normal(size=(4000, 3))

@@ -30,12 +30,18 @@ def test_pair_loss_matches_hand_computation():
   assert float(m["reward_margin"]) == pytest.approx(np.mean(chosen - rejected), rel=1e-6)
   # margin and centering
   loss, _ = pair_loss(rewards, jnp.asarray(strength), margin_scale=0.3, center_weight=0.1)
-  expect = np.mean([math.log1p(math.exp(-(c - r - 0.3 * s))) + 0.1 * (c + r) ** 2
-                    for c, r, s in zip(chosen, rejected, strength)])
+  expect = np.mean(
+    [
+      math.log1p(math.exp(-(c - r - 0.3 * s))) + 0.1 * (c + r) ** 2
+      for c, r, s in zip(chosen, rejected, strength)
+    ]
+  )
   assert float(loss) == pytest.approx(expect, rel=1e-6)
   # padding weights drop pairs from every mean
   loss, m = pair_loss(rewards, weights=jnp.asarray([1.0, 0.0, 1.0]))
-  expect = np.mean([math.log1p(math.exp(-(c - r))) for c, r in zip(chosen[[0, 2]], rejected[[0, 2]])])
+  expect = np.mean(
+    [math.log1p(math.exp(-(c - r))) for c, r in zip(chosen[[0, 2]], rejected[[0, 2]])]
+  )
   assert float(loss) == pytest.approx(expect, rel=1e-6)
   assert float(m["accuracy"]) == pytest.approx(0.5)
 
@@ -95,13 +101,21 @@ def test_logical_rules_map_and_fall_back_to_replication():
   P = jax.sharding.PartitionSpec
   assert shd.logical_to_spec(("embed", "mlp"), (64, 128), mesh) == P("fsdp", "tensor")
   assert shd.logical_to_spec(("vocab", "embed"), (100, 64), mesh) == P("tensor", "fsdp")
-  assert shd.logical_to_spec(("embed", "heads"), (63, 128), mesh) == P(None, "tensor")  # 63 % 2 != 0
-  assert shd.logical_to_spec(("mlp", "heads"), (64, 64), mesh) == P("tensor", None)  # an axis only once
+  assert shd.logical_to_spec(("embed", "heads"), (63, 128), mesh) == P(
+    None, "tensor"
+  )  # 63 % 2 != 0
+  assert shd.logical_to_spec(("mlp", "heads"), (64, 64), mesh) == P(
+    "tensor", None
+  )  # an axis only once
   assert shd.logical_to_spec((None,), (7,), mesh) == P(None)
   assert shd.logical_to_spec(None, (4, 4), mesh) == P()
   assert shd.batch_spec((16, 32), mesh) == P(("data", "fsdp"), None)
   assert shd.batch_spec((6, 32), mesh) == P()  # not divisible by 4: replicated
-  b = {"input_ids": np.zeros((4, 16, 8)), "position_ids": np.zeros((4, 3, 16, 8)), "pixel_values": np.zeros((4, 10, 3))}
+  b = {
+    "input_ids": np.zeros((4, 16, 8)),
+    "position_ids": np.zeros((4, 3, 16, 8)),
+    "pixel_values": np.zeros((4, 10, 3)),
+  }
   sh = shd.batch_shardings(b, mesh, leading=1)
   assert sh["input_ids"].spec == P(None, ("data", "fsdp"), None)
   assert sh["position_ids"].spec == P(None, None, ("data", "fsdp"), None)
@@ -120,11 +134,17 @@ def test_metrics_log_drops_lines_after_the_resume_step(tmp_path):
   log = mx.MetricsLog(path, resume_step=3)
   log.write({"step": 4, "loss": 40.0})
   log.close()
-  assert [(r["step"], r["loss"]) for r in mx.read_metrics(path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+  assert [(r["step"], r["loss"]) for r in mx.read_metrics(path)] == [
+    (1, 1.0),
+    (2, 2.0),
+    (3, 3.0),
+    (4, 40.0),
+  ]
 
 
 def test_tensorboard_event_file_framing(tmp_path):
   import tensorflow as tf
+
   w = mx.TensorBoardWriter(tmp_path)
   w.scalars(7, {"loss": 0.25, "bad": float("nan")}, prefix="train/")
   w.close()
@@ -140,6 +160,7 @@ def test_tensorboard_event_file_framing(tmp_path):
 
 def test_tensorboard_without_tensorflow_writes_nothing(tmp_path, monkeypatch, caplog):
   import sys
+
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # as on the GPU check machine
   w = mx.TensorBoardWriter(tmp_path / "tb")
   w.scalars(1, {"loss": 0.5})
@@ -149,9 +170,37 @@ def test_tensorboard_without_tensorflow_writes_nothing(tmp_path, monkeypatch, ca
 
 
 def test_step_flops_counts_like_the_peer_benchmark():
-  spec = {"n_lm": 1000, "n_vis": 500, "lm_layers": 2, "lm_attn_dim": 8, "vis_layers": 3, "vis_attn_dim": 4}
+  spec = {
+    "n_lm": 1000,
+    "n_vis": 500,
+    "lm_layers": 2,
+    "lm_attn_dim": 8,
+    "vis_layers": 3,
+    "vis_attn_dim": 4,
+  }
   rows, seq, patches = 4, 16, 40
-  expect = (6 * 1000 * rows * seq + 2 * 500 * patches + 2 * 2 * 2 * seq * seq * 8 * rows * 3
-            + 3 * 2 * 2 * 10 * 10 * 4 * rows)
+  expect = (
+    6 * 1000 * rows * seq
+    + 2 * 500 * patches
+    + 2 * 2 * 2 * seq * seq * 8 * rows * 3
+    + 3 * 2 * 2 * 10 * 10 * 4 * rows
+  )
   assert mx.step_flops(spec, rows, seq, patches) == pytest.approx(expect)
   assert json.dumps(mx.format_console(3, 10, {"loss": 0.5, "accuracy": 1.0, "learning_rate": 1e-5}))
+
+
+def test_throughput_counts_each_rows_images_like_the_peer():
+  """A pair's rows share one pass of the vision tower (the batch holds its patches once), but MFU
+  counts every row's image as the peer does: from the placeholder tokens of each row."""
+  from mrm_jax.train.loop import _Throughput
+
+  spec = {"n_lm": 10, "n_vis": 7, "vis_layers": 1, "vis_attn_dim": 2,
+          "vision_token_ids": (5, 6), "patches_per_token": 4}
+  ids = np.zeros((1, 2, 8), np.int32)  # one micro-batch: a pair's chosen and rejected rows
+  ids[0, :, 1:4] = 5  # 3 image tokens per row = 12 patches per row
+  host = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+          "vision_segment_ids": np.array([[1] * 12 + [0] * 4])}  # the shared image, once
+  t = _Throughput(spec, peak=None, n_devices=1)
+  t.add(host, micro=1)
+  assert t.flops == pytest.approx(mx.step_flops(spec, 2, 8, 24))
+  assert t.tokens == 16 and t.steps == 1

@@ -1,7 +1,7 @@
 """Our LLaMA-Factory image-preprocessing mode vs the real LLaMA-Factory: its Qwen2-VL / Qwen3-VL
 mm plugins' image regularisation followed by transformers' default (torchvision) image processor.
-Run with the LLaMA-Factory virtualenv's python (see setup.sh); prints the max |difference| of the
-pixel values and whether the patch grids agree, per image and family."""
+Run with the LLaMA-Factory virtualenv's python (run_interop.sh makes one); prints the max
+|difference| of the pixel values and whether the patch grids agree, per image and family."""
 
 import sys
 from pathlib import Path
@@ -39,17 +39,21 @@ def main():
   worst = 0.0
   for family, (settings, plugin_name) in FAMILIES.items():
     plugin = get_mm_plugin(plugin_name, image_token="<|image_pad|>", video_token="<|video_pad|>")
-    hf = Qwen2VLImageProcessor(patch_size=settings["patch_size"], merge_size=2, temporal_patch_size=2,
-                               size={"shortest_edge": settings["min_pixels"], "longest_edge": settings["max_pixels"]},
+    size = {"shortest_edge": settings["min_pixels"], "longest_edge": settings["max_pixels"]}
+    hf = Qwen2VLImageProcessor(patch_size=settings["patch_size"], merge_size=2,
+                               temporal_patch_size=2, size=size,
                                image_mean=settings["image_mean"], image_std=settings["image_std"])
     for name, im in images(rng):
-      lf_img = plugin._regularize_images([im], image_max_pixels=768 * 768, image_min_pixels=32 * 32)["images"][0]
+      lf_img = plugin._regularize_images([im], image_max_pixels=768 * 768,
+                                         image_min_pixels=32 * 32)["images"][0]
       ref = hf(images=[lf_img], return_tensors="np")
       ours, thw = process_image(llamafactory_image(im), settings, backend="torchvision")
-      same_grid = tuple(int(x) for x in ref["image_grid_thw"][0]) == tuple(int(x) for x in thw)
+      lf_grid = tuple(int(x) for x in ref["image_grid_thw"][0])
+      same_grid = lf_grid == tuple(int(x) for x in thw)
       diff = float(np.abs(ours - ref["pixel_values"]).max()) if same_grid else float("inf")
       worst = max(worst, diff)
-      print(f"{family:9s} {name:13s} grid {tuple(int(x) for x in thw)} LF {tuple(int(x) for x in ref['image_grid_thw'][0])} max|diff| {diff:.3g}")
+      print(f"{family:9s} {name:13s} grid {tuple(int(x) for x in thw)} LF {lf_grid} "
+            f"max|diff| {diff:.3g}")
   print(f"worst max|diff| {worst:.3g}")
   return 0 if worst < 1e-5 else 1
 

@@ -14,11 +14,18 @@ from mrm_jax.models import hf_io
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="model to export: an HF-format directory "
-                      "(or a training workdir checkpoint)")
+  parser.add_argument(
+    "--checkpoint",
+    required=True,
+    help="model to export: an HF-format directory (or a training workdir checkpoint)",
+  )
   parser.add_argument("--output", required=True, help="output HF directory")
-  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                      help="tensor dtype in the safetensors (default: the parameter dtype)")
+  parser.add_argument(
+    "--dtype",
+    choices=["float32", "bfloat16"],
+    default=None,
+    help="tensor dtype in the safetensors (default: the parameter dtype)",
+  )
 
 
 def run(args) -> int:

@@ -41,12 +41,21 @@ class Stats:
 
   def report(self) -> dict:
     return {
-        "n_candidates": self.candidates,
-        "n_pairs": self.pairs,
-        "judgments": {"n": self.judgments, "valid": self.valid, "invalid": self.invalid,
-                      "ignored_mode": self.ignored_mode, "unknown_id": self.unknown_id},
-        "dropped": {"identical_text": self.identical_text, "not_covered": self.not_covered,
-                    "disagreement": self.disagreement, "small_gap": self.small_gap},
+      "n_candidates": self.candidates,
+      "n_pairs": self.pairs,
+      "judgments": {
+        "n": self.judgments,
+        "valid": self.valid,
+        "invalid": self.invalid,
+        "ignored_mode": self.ignored_mode,
+        "unknown_id": self.unknown_id,
+      },
+      "dropped": {
+        "identical_text": self.identical_text,
+        "not_covered": self.not_covered,
+        "disagreement": self.disagreement,
+        "small_gap": self.small_gap,
+      },
     }
 
 
@@ -65,28 +74,40 @@ def read_candidates(path: str | os.PathLike) -> list[dict]:
 
 
 def read_judgments(path: str | os.PathLike) -> list[dict]:
-  """Judgment records with `where` attached (`records.read_judgments`); `order` is checked in `construct`."""
+  """Judgment records with `where` attached (`records.read_judgments`); `order` is checked in
+  `construct`."""
   return records.read_judgments(path)
 
 
 def is_valid(judgment: dict) -> bool:
   """DESIGN §3.2b: `scores` is a list of numbers as long as `order`."""
   scores, order = judgment.get("scores"), judgment.get("order")
-  return (isinstance(scores, list) and isinstance(order, list) and len(scores) == len(order)
-          and all(records.is_finite_number(s) for s in scores))
+  return (
+    isinstance(scores, list)
+    and isinstance(order, list)
+    and len(scores) == len(order)
+    and all(records.is_finite_number(s) for s in scores)
+  )
 
 
 def _check_order(judgment: dict, n: int) -> list[int]:
   where = judgment.get("where", "judgment")
   order = judgment.get("order")
-  if (not isinstance(order, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in order)
-      or len(set(order)) != len(order) or not all(0 <= i < n for i in order)):
-    raise UserError(f"{where}: 'order' must list distinct response indices in 0..{n - 1}, got {order!r:.60}")
+  if (
+    not isinstance(order, list)
+    or not all(isinstance(i, int) and not isinstance(i, bool) for i in order)
+    or len(set(order)) != len(order)
+    or not all(0 <= i < n for i in order)
+  ):
+    raise UserError(
+      f"{where}: 'order' must list distinct response indices in 0..{n - 1}, got {order!r:.60}"
+    )
   return order
 
 
-def construct(candidates: list[dict], judgments: list[dict], min_gap: float = 0.5,
-              reparse_raw: bool = False) -> tuple[list[dict], Stats]:
+def construct(
+  candidates: list[dict], judgments: list[dict], min_gap: float = 0.5, reparse_raw: bool = False
+) -> tuple[list[dict], Stats]:
   """Canonical pairs, in candidate order and (i, j) order within a candidate set."""
   stats = Stats(candidates=len(candidates))
   by_id = {c["id"]: c for c in candidates}
@@ -134,9 +155,13 @@ def construct(candidates: list[dict], judgments: list[dict], min_gap: float = 0.
           stats.disagreement += 1
           continue
         gap = means[i] - means[j]
-        if not math.isfinite(gap):  # finite scores whose sums overflow: the strength would be Infinity
-          raise UserError(f"{cand['where']}: the judgments' scores of responses {i} and {j} are too large "
-                          f"to average (the mean gap is {gap})")
+        if not math.isfinite(
+          gap
+        ):  # finite scores whose sums overflow: the strength would be Infinity
+          raise UserError(
+            f"{cand['where']}: the judgments' scores of responses {i} and {j} are too large "
+            f"to average (the mean gap is {gap})"
+          )
         if abs(gap) < min_gap or gap == 0:
           stats.small_gap += 1
           continue
@@ -146,16 +171,38 @@ def construct(candidates: list[dict], judgments: list[dict], min_gap: float = 0.
   return pairs, stats
 
 
-def _pair(cand: dict, i: int, j: int, c: int, r: int, strength: float, means: list, n_covering: int) -> dict:
-  meta = {"candidate_id": cand["id"], "chosen_index": c, "rejected_index": r,
-          "chosen_mean": means[c], "rejected_mean": means[r], "n_judgments": n_covering}
+def _pair(
+  cand: dict, i: int, j: int, c: int, r: int, strength: float, means: list, n_covering: int
+) -> dict:
+  meta = {
+    "candidate_id": cand["id"],
+    "chosen_index": c,
+    "rejected_index": r,
+    "chosen_mean": means[c],
+    "rejected_mean": means[r],
+    "n_judgments": n_covering,
+  }
   if cand.get("models"):
     meta["chosen_model"], meta["rejected_model"] = cand["models"][c], cand["models"][r]
-  return {"id": f"{cand['id']}:{i}-{j}", "images": list(cand["images"]), "system": REWARD_SYSTEM_PROMPT,
-          "question": cand["question"], "chosen": cand["responses"][c], "rejected": cand["responses"][r],
-          "strength": strength, "source": "construct", "meta": meta}
+  return {
+    "id": f"{cand['id']}:{i}-{j}",
+    "images": list(cand["images"]),
+    "system": REWARD_SYSTEM_PROMPT,
+    "question": cand["question"],
+    "chosen": cand["responses"][c],
+    "rejected": cand["responses"][r],
+    "strength": strength,
+    "source": "construct",
+    "meta": meta,
+  }
 
 
-def construct_files(candidates_path: str | Path, judgments_path: str | Path, min_gap: float = 0.5,
-                    reparse_raw: bool = False) -> tuple[list[dict], Stats]:
-  return construct(read_candidates(candidates_path), read_judgments(judgments_path), min_gap, reparse_raw)
+def construct_files(
+  candidates_path: str | Path,
+  judgments_path: str | Path,
+  min_gap: float = 0.5,
+  reparse_raw: bool = False,
+) -> tuple[list[dict], Stats]:
+  return construct(
+    read_candidates(candidates_path), read_judgments(judgments_path), min_gap, reparse_raw
+  )

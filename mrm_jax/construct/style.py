@@ -15,9 +15,23 @@ import re
 
 import numpy as np
 
-FEATURES = ("log_chars", "log_words", "log_lines", "bullets", "numbered_items", "headers", "bold",
-            "code_blocks", "log_digits", "digit_share", "sentences", "exclamations", "questions",
-            "mean_word_length", "uppercase_share")
+FEATURES = (
+  "log_chars",
+  "log_words",
+  "log_lines",
+  "bullets",
+  "numbered_items",
+  "headers",
+  "bold",
+  "code_blocks",
+  "log_digits",
+  "digit_share",
+  "sentences",
+  "exclamations",
+  "questions",
+  "mean_word_length",
+  "uppercase_share",
+)
 
 _BULLET = re.compile(r"^\s*[-*+\u2022]\s+", re.M)
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s+", re.M)
@@ -33,7 +47,8 @@ def style_features(text: str) -> np.ndarray:
   lines = [ln for ln in text.splitlines() if ln.strip()]
   digits = sum(ch.isdigit() for ch in text)
   letters = [ch for ch in text if ch.isalpha()]
-  return np.array([
+  return np.array(
+    [
       np.log1p(chars),
       np.log1p(len(words)),
       np.log1p(len(lines)),
@@ -49,7 +64,9 @@ def style_features(text: str) -> np.ndarray:
       np.log1p(text.count("?")),
       (sum(len(w) for w in words) / len(words)) if words else 0.0,
       (sum(ch.isupper() for ch in letters) / len(letters)) if letters else 0.0,
-  ], dtype=np.float64)
+    ],
+    dtype=np.float64,
+  )
 
 
 def pair_differences(pairs: list[dict]) -> np.ndarray:
@@ -103,20 +120,27 @@ def probe_accuracy(pairs: list[dict], seed: int = 0, folds: int = 5) -> float | 
 def length_counts(pairs: list[dict]) -> dict:
   longer = sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs)
   shorter = sum(len(p["chosen"]) < len(p["rejected"]) for p in pairs)
-  return {"chosen_longer": longer, "chosen_shorter": shorter, "equal_length": len(pairs) - longer - shorter}
+  return {
+    "chosen_longer": longer,
+    "chosen_shorter": shorter,
+    "equal_length": len(pairs) - longer - shorter,
+  }
 
 
 def style_report(pairs: list[dict], seed: int = 0, folds: int = 5) -> dict:
-  """{n_pairs, chosen_longer_share, chosen_longer, chosen_shorter, equal_length, probe_accuracy, ...}."""
+  """{n_pairs, chosen_longer_share, chosen_longer, chosen_shorter, equal_length, probe_accuracy,
+  ...}."""
   counts = length_counts(pairs)
   n = len(pairs)
   acc = probe_accuracy(pairs, seed, folds)
-  return {"n_pairs": n,
-          "chosen_longer_share": counts["chosen_longer"] / n if n else None,
-          **counts,
-          "probe_accuracy": acc,
-          "probe_folds": folds if acc is not None else None,
-          "probe_features": list(FEATURES)}
+  return {
+    "n_pairs": n,
+    "chosen_longer_share": counts["chosen_longer"] / n if n else None,
+    **counts,
+    "probe_accuracy": acc,
+    "probe_folds": folds if acc is not None else None,
+    "probe_features": list(FEATURES),
+  }
 
 
 def balance_length(pairs: list[dict], seed: int = 0) -> list[dict]:

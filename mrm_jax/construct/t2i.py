@@ -13,14 +13,21 @@ from __future__ import annotations
 import os
 import random
 
-from mrm_jax.data.records import IMAGE_PLACEHOLDER, REWARD_SYSTEM_PROMPT, VIDEO_PLACEHOLDER, record_id
+from mrm_jax.data.records import (
+  IMAGE_PLACEHOLDER,
+  REWARD_SYSTEM_PROMPT,
+  VIDEO_PLACEHOLDER,
+  record_id,
+)
 from mrm_jax.errors import UserError, at
 from mrm_jax.io import read_json_or_jsonl
 
-QUESTION = ("The two images below were generated for the caption: \"{caption}\"\n"
-            f"Image 1: {IMAGE_PLACEHOLDER}\n"
-            f"Image 2: {IMAGE_PLACEHOLDER}\n"
-            "Which image matches the caption better and has better visual quality?")
+QUESTION = (
+  'The two images below were generated for the caption: "{caption}"\n'
+  f"Image 1: {IMAGE_PLACEHOLDER}\n"
+  f"Image 2: {IMAGE_PLACEHOLDER}\n"
+  "Which image matches the caption better and has better visual quality?"
+)
 
 
 def verdict(better: int, worse: int) -> str:
@@ -31,7 +38,7 @@ def chosen_first_indices(n: int, seed: int) -> set[int]:
   """The ⌊n/2⌋ record indices whose preferred image is shown first (seeded shuffle)."""
   perm = list(range(n))
   random.Random(seed).shuffle(perm)
-  return set(perm[:n // 2])
+  return set(perm[: n // 2])
 
 
 def _check(record: dict, where: str) -> tuple[str, str, str]:
@@ -55,7 +62,8 @@ def _check(record: dict, where: str) -> tuple[str, str, str]:
 
 
 def neutral_caption(caption: str) -> str:
-  """The caption with its placeholders defused: a literal "<image>" or "<video>" would add a vision slot
+  """The caption with its placeholders defused: a literal "<image>" or "<video>" would add a vision
+  slot
   the pair has no image for."""
   return caption.replace(IMAGE_PLACEHOLDER, "image").replace(VIDEO_PLACEHOLDER, "video")
 
@@ -76,7 +84,8 @@ def reformulate(records: list[dict], seed: int = 42, wheres: list[str] | None = 
     else:
       images, pos_chosen, pos_rejected = [rejected, chosen], 2, 1
     rid = record_id(record, where)
-    pairs.append({
+    pairs.append(
+      {
         "id": rid or f"t2i-{k}",
         "images": images,
         "system": REWARD_SYSTEM_PROMPT,
@@ -85,7 +94,8 @@ def reformulate(records: list[dict], seed: int = 42, wheres: list[str] | None = 
         "rejected": verdict(pos_rejected, pos_chosen),
         "source": record.get("source") or "t2i",
         "meta": {"caption": caption, "chosen_position": pos_chosen},
-    })
+      }
+    )
   return pairs
 
 

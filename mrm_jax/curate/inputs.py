@@ -29,6 +29,7 @@ class CurationInputs:
   training run (empty: none); `truth`, optional, is only reported against (`report.load_truth`).
   Constructing one checks that the files exist and that the noisy pairs have distinct ids (the
   votes are matched on them)."""
+
   noisy: Path
   base_train: tuple[Path, ...]
   image_root: Path
@@ -49,21 +50,30 @@ def inputs_from_config(cfg) -> CurationInputs:
   data.image_root, else the noisy file's folder), model.path, data.eval, curate.truth."""
   cc = cfg.curate
   if not cc.noisy:
-    raise UserError("curate.noisy is not set (the noisy pair file to curate), and no embedded "
-                    "world (curate.world_dir) was given")
+    raise UserError(
+      "curate.noisy is not set (the noisy pair file to curate), and no embedded "
+      "world (curate.world_dir) was given"
+    )
   noisy = Path(cc.noisy).resolve()
   return CurationInputs(
-      noisy=noisy, base_train=tuple(Path(f).resolve() for f in split_files(cc.base_train)),
-      image_root=Path(cc.image_root or cfg.data.image_root or noisy.parent).resolve(),
-      model=cfg.model.path, eval=cfg.data.eval, truth=cc.truth)
+    noisy=noisy,
+    base_train=tuple(Path(f).resolve() for f in split_files(cc.base_train)),
+    image_root=Path(cc.image_root or cfg.data.image_root or noisy.parent).resolve(),
+    model=cfg.model.path,
+    eval=cfg.data.eval,
+    truth=cc.truth,
+  )
 
 
 def check_not_run_outputs(cc, workdir: Path) -> None:
   """The user's files named in the config must not be files the run in `workdir` rewrites or
   wipes: its final outputs, or anything in a stage directory (a stage whose inputs changed is
   deleted and redone)."""
-  named = [("curate.noisy", cc.noisy), ("curate.truth", cc.truth),
-           *(("curate.base_train", f) for f in split_files(cc.base_train))]
+  named = [
+    ("curate.noisy", cc.noisy),
+    ("curate.truth", cc.truth),
+    *(("curate.base_train", f) for f in split_files(cc.base_train)),
+  ]
   finals = [workdir / name for name in RUN_FILES]
   for key, f in named:
     if not f:
@@ -71,5 +81,7 @@ def check_not_run_outputs(cc, workdir: Path) -> None:
     f = Path(f).resolve()
     inside = [p for p in f.parents if p.parent == workdir and RUN_DIRS.match(p.name)]
     if any(same_file(f, o) for o in finals) or inside:
-      raise UserError(f"{key} {f} is one of the files `curate run` writes in {workdir}; "
-                      "move it out of the workdir's outputs")
+      raise UserError(
+        f"{key} {f} is one of the files `curate run` writes in {workdir}; "
+        "move it out of the workdir's outputs"
+      )

@@ -10,8 +10,9 @@ The simulated judge of the embedded world implements the same interface in mrm_j
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from mrm_jax.curate.config import split_files
 from mrm_jax.data.records import iter_pairs
@@ -51,34 +52,51 @@ class OpenAIPairJudge:
 
   def __init__(self, jc, image_root: Path, *, progress: bool = True):
     if not jc.base_url.startswith(("http://", "https://")) or not jc.judge_model:
-      raise UserError("curate.judge.kind 'openai' needs curate.judge.base_url (http[s]://...) "
-                      "and curate.judge.judge_model")
+      raise UserError(
+        "curate.judge.kind 'openai' needs curate.judge.base_url (http[s]://...) "
+        "and curate.judge.judge_model"
+      )
     self.jc, self.image_root, self.progress = jc, image_root, progress
 
   def fingerprint(self, round_index: int) -> tuple[dict, dict]:
     jc = self.jc
-    return {}, {**common_settings(jc), "base_url": jc.base_url, "judge_model": jc.judge_model,
-                "temperature": float(jc.temperature)}
+    return {}, {
+      **common_settings(jc),
+      "base_url": jc.base_url,
+      "judge_model": jc.judge_model,
+      "temperature": float(jc.temperature),
+    }
 
   def _client(self) -> ChatClient:
     jc, key = self.jc, None
     if jc.api_key_env:
       key = os.environ.get(jc.api_key_env)
       if not key:
-        raise UserError(f"environment variable {jc.api_key_env} (curate.judge.api_key_env) is "
-                        "not set or empty")
-    return ChatClient(jc.base_url, jc.judge_model, key, timeout=float(jc.timeout),
-                      temperature=float(jc.temperature))
+        raise UserError(
+          f"environment variable {jc.api_key_env} (curate.judge.api_key_env) is not set or empty"
+        )
+    return ChatClient(
+      jc.base_url, jc.judge_model, key, timeout=float(jc.timeout), temperature=float(jc.temperature)
+    )
 
   def judge(self, queue: Path, out: Path, round_index: int, tick: Callable[[], None]) -> None:
     jc, client = self.jc, self._client()
     jobs = plan_pairwise(queue, self.image_root, int(jc.repeats), int(jc.seed))
-    summary = run_jobs(client, jobs, out, "pairwise", RetryPolicy(int(jc.max_retries)),
-                       concurrency=int(jc.concurrency), progress=self.progress)
+    summary = run_jobs(
+      client,
+      jobs,
+      out,
+      "pairwise",
+      RetryPolicy(int(jc.max_retries)),
+      concurrency=int(jc.concurrency),
+      progress=self.progress,
+    )
     if summary.not_reached or summary.unfinished:
-      raise UserError(f"{summary.not_reached + summary.unfinished} pairwise job(s) got no answer "
-                      f"from the judge at {client.url} (first error: {summary.first_error}); "
-                      "run again to resume")
+      raise UserError(
+        f"{summary.not_reached + summary.unfinished} pairwise job(s) got no answer "
+        f"from the judge at {client.url} (first error: {summary.first_error}); "
+        "run again to resume"
+      )
 
 
 class StoredPairJudge:
@@ -87,8 +105,9 @@ class StoredPairJudge:
 
   def __init__(self, jc):
     if not split_files(jc.files):
-      raise UserError("curate.judge.kind 'stored' needs curate.judge.files (pairwise judgment "
-                      "files)")
+      raise UserError(
+        "curate.judge.kind 'stored' needs curate.judge.files (pairwise judgment files)"
+      )
     self.jc = jc
 
   def files(self, round_index: int) -> list[Path]:
@@ -99,13 +118,22 @@ class StoredPairJudge:
     return files
 
   def fingerprint(self, round_index: int) -> tuple[dict, dict]:
-    return ({"files": {str(f): file_sha256(f) for f in self.files(round_index)}},
-            common_settings(self.jc))
+    return (
+      {"files": {str(f): file_sha256(f) for f in self.files(round_index)}},
+      common_settings(self.jc),
+    )
 
   def judge(self, queue: Path, out: Path, round_index: int, tick: Callable[[], None]) -> None:
     ids = {str(p["id"]) for _, p in iter_pairs(queue)}
-    write_jsonl(out, [j for f in self.files(round_index) for _, j in iter_jsonl(f)
-                      if str(j.get("id")) in ids and j.get("mode", "pairwise") == "pairwise"])
+    write_jsonl(
+      out,
+      [
+        j
+        for f in self.files(round_index)
+        for _, j in iter_jsonl(f)
+        if str(j.get("id")) in ids and j.get("mode", "pairwise") == "pairwise"
+      ],
+    )
 
 
 def judge_from_config(jc, image_root: Path, *, progress: bool = True) -> PairJudge:
@@ -115,6 +143,8 @@ def judge_from_config(jc, image_root: Path, *, progress: bool = True) -> PairJud
     return OpenAIPairJudge(jc, image_root, progress=progress)
   if jc.kind == "stored":
     return StoredPairJudge(jc)
-  raise UserError(f"curate.judge.kind '{jc.kind}' is the embedded world's judge: it needs the "
-                  "world (curate.world_dir, or a `world` section; `mrm-jax curate run` and "
-                  "`mrm-jax demo` provide it)")
+  raise UserError(
+    f"curate.judge.kind '{jc.kind}' is the embedded world's judge: it needs the "
+    "world (curate.world_dir, or a `world` section; `mrm-jax curate run` and "
+    "`mrm-jax demo` provide it)"
+  )

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mrm_jax.curate import report as rep
 from mrm_jax.curate import steps
@@ -58,8 +58,16 @@ from mrm_jax.train.loop import train
 ROUND_STAGES = ("score", "flip", "train", "filter", "judge", "merge")
 
 
-def run_curation(cfg, workdir, inputs: CurationInputs, judge: PairJudge, *, progress: bool = True,
-                 devices=None, out: Callable[[str], None] = print) -> dict:
+def run_curation(
+  cfg,
+  workdir,
+  inputs: CurationInputs,
+  judge: PairJudge,
+  *,
+  progress: bool = True,
+  devices=None,
+  out: Callable[[str], None] = print,
+) -> dict:
   """Runs (or resumes) the iterative curation of `inputs` in `workdir` and returns the report
   (also WORKDIR/report.json). `out` receives the progress lines and the summary table (process 0
   only)."""
@@ -67,8 +75,10 @@ def run_curation(cfg, workdir, inputs: CurationInputs, judge: PairJudge, *, prog
   workdir = check_writable_dir(workdir).resolve()
   check_not_run_outputs(cfg.curate, workdir)
   if not inputs.model and not split_files(cfg.curate.initial_models):
-    raise UserError("model.path is not set: training and scoring need the model's HF directory "
-                    "(config.json and the tokenizer)")
+    raise UserError(
+      "model.path is not set: training and scoring need the model's HF directory "
+      "(config.json and the tokenizer)"
+    )
   runner = StageRunner(Faults.from_env(), out)
   return _Curation(cfg, workdir, inputs, judge, runner, progress=progress, devices=devices).run()
 
@@ -85,6 +95,7 @@ def _output(directory: Path, man: dict, name: str) -> Path:
 class Scorer:
   """A model that scores a round: its path, and the manifest of the stage that trained it
   (None for a given model)."""
+
   path: str
   trained_by: dict | None = None
 
@@ -95,20 +106,32 @@ class Scorer:
 
 
 class _Curation:
-  def __init__(self, cfg, workdir: Path, inputs: CurationInputs, judge: PairJudge,
-               runner: StageRunner, *, progress: bool, devices):
+  def __init__(
+    self,
+    cfg,
+    workdir: Path,
+    inputs: CurationInputs,
+    judge: PairJudge,
+    runner: StageRunner,
+    *,
+    progress: bool,
+    devices,
+  ):
     self.cfg, self.cc = cfg, cfg.curate
     self.workdir, self.inputs, self.judge, self.runner = workdir, inputs, judge, runner
     self.progress, self.devices = progress, devices
-    self.scorer = PairScorer(runner, score_settings(cfg, inputs.image_root, inputs.model),
-                             progress=progress)
+    self.scorer = PairScorer(
+      runner, score_settings(cfg, inputs.image_root, inputs.model), progress=progress
+    )
     self.t0 = time.time()
 
   def run(self) -> dict:
     inputs, say = self.inputs, self.runner.say
     say(f"curate run: {int(self.cc.rounds)} round(s) in {self.workdir}")
-    say(f"noisy pairs: {inputs.noisy}; base training data: "
-        f"{', '.join(str(f) for f in inputs.base_train) or '-'}")
+    say(
+      f"noisy pairs: {inputs.noisy}; base training data: "
+      f"{', '.join(str(f) for f in inputs.base_train) or '-'}"
+    )
     base_man, current = self.initial_scorers()
     extra = [Scorer(m) for m in split_files(self.cc.extra_scorers)]
     pairs_path, known, rounds = inputs.noisy, None, []
@@ -117,8 +140,16 @@ class _Curation:
       rounds.append(files)
       pairs_path, known = files.curated, files.filter_scores
       current = [Scorer(files.train["model"], files.train)]
-    return rep.write_report(self.workdir, inputs, base_man, rounds, t0=self.t0,
-                            plots=bool(self.cc.plots), primary=self.runner.primary, say=say)
+    return rep.write_report(
+      self.workdir,
+      inputs,
+      base_man,
+      rounds,
+      t0=self.t0,
+      plots=bool(self.cc.plots),
+      primary=self.runner.primary,
+      say=say,
+    )
 
   def initial_scorers(self) -> tuple[dict | None, list[Scorer]]:
     """M_0: the given models, or one trained on the base data (and that stage's manifest)."""
@@ -126,20 +157,25 @@ class _Curation:
     if given:
       return None, [Scorer(m) for m in given]
     if not self.inputs.base_train:
-      raise UserError("curate.base_train is empty and curate.initial_models is not set: "
-                      "there is nothing to train the first scoring model on")
-    man = self.train_stage(self.workdir / "base" / "train", "base/train",
-                           list(self.inputs.base_train))
+      raise UserError(
+        "curate.base_train is empty and curate.initial_models is not set: "
+        "there is nothing to train the first scoring model on"
+      )
+    man = self.train_stage(
+      self.workdir / "base" / "train", "base/train", list(self.inputs.base_train)
+    )
     return man, [Scorer(man["model"], man)]
 
-  def run_round(self, r: int, pairs_path: Path, scorers: list[Scorer],
-                known: Path | None) -> rep.RoundFiles:
+  def run_round(
+    self, r: int, pairs_path: Path, scorers: list[Scorer], known: Path | None
+  ) -> rep.RoundFiles:
     rd = self.workdir / f"round_{r}"
     pairs = _read_pairs(pairs_path)
     score_man, score_files = self.score_stage(r, rd / "score", pairs_path, pairs, scorers, known)
     flip_man, flipped = self.flip_stage(r, rd / "flip", pairs_path, pairs, score_files)
-    train_man = self.train_stage(rd / "train", f"round_{r}/train",
-                                 [*self.inputs.base_train, flipped])
+    train_man = self.train_stage(
+      rd / "train", f"round_{r}/train", [*self.inputs.base_train, flipped]
+    )
     filter_man = self.filter_stage(r, rd / "filter", flipped, train_man)
     queue = _output(rd / "filter", filter_man, "queue")
     judge_man = self.judge_stage(r, rd / "judge", queue)
@@ -147,38 +183,70 @@ class _Curation:
     kept = _output(rd / "filter", filter_man, "kept")
     merge_man = self.merge_stage(r, rd / "merge", flipped, kept, queue, judgments)
     return rep.RoundFiles(
-        round=r, dir=rd, input=pairs_path, score=score_man, flip=flip_man, train=train_man,
-        filter=filter_man, judge=judge_man, merge=merge_man, flipped=flipped,
-        kept=kept, queue=queue, judgments=judgments,
-        reannotated=_output(rd / "merge", merge_man, "reannotated"),
-        curated=_output(rd / "merge", merge_man, "curated"),
-        filter_scores=_output(rd / "filter", filter_man, "scores"))
+      round=r,
+      dir=rd,
+      input=pairs_path,
+      score=score_man,
+      flip=flip_man,
+      train=train_man,
+      filter=filter_man,
+      judge=judge_man,
+      merge=merge_man,
+      flipped=flipped,
+      kept=kept,
+      queue=queue,
+      judgments=judgments,
+      reannotated=_output(rd / "merge", merge_man, "reannotated"),
+      curated=_output(rd / "merge", merge_man, "curated"),
+      filter_scores=_output(rd / "filter", filter_man, "scores"),
+    )
 
   # ---- the stages, in the order a round runs them
 
   def train_stage(self, directory: Path, name: str, data_files: list[Path]) -> dict:
     inputs = self.inputs
-    tcfg = train_config(self.cfg, model=inputs.model, data_files=data_files,
-                        eval_spec=inputs.eval, image_root=inputs.image_root)
-    stage_inputs = {"data": [file_sha256(f) for f in data_files],
-                    "eval": [file_sha256(Path(f)) for f in split_files(inputs.eval)]}
+    tcfg = train_config(
+      self.cfg,
+      model=inputs.model,
+      data_files=data_files,
+      eval_spec=inputs.eval,
+      image_root=inputs.image_root,
+    )
+    stage_inputs = {
+      "data": [file_sha256(f) for f in data_files],
+      "eval": [file_sha256(Path(f)) for f in split_files(inputs.eval)],
+    }
 
     def body(d: Path) -> StageResult:
-      summary = train(tcfg, d / "run", progress=self.progress, devices=self.devices,
-                      data_factory=fault_data_factory(self.runner.faults, name))
+      summary = train(
+        tcfg,
+        d / "run",
+        progress=self.progress,
+        devices=self.devices,
+        data_factory=fault_data_factory(self.runner.faults, name),
+      )
       summary = {k: summary.get(k) for k in ("steps", "resumed_from", "loss", "accuracy", "eval")}
       marker = d / "trained.json"  # a small output whose hash the manifest records
       if self.runner.primary:
         write_json(marker, {"steps": summary["steps"], "data": stage_inputs})
-      return StageResult({"trained": marker}, {"pairs_files": len(data_files),
-                                               "steps": summary["steps"]},
-                         {"train": summary, "model": "run"})
-    man = self.runner.run(directory, name, stage_inputs, stage_settings(tcfg), body,
-                          everyone=True)
+      return StageResult(
+        {"trained": marker},
+        {"pairs_files": len(data_files), "steps": summary["steps"]},
+        {"train": summary, "model": "run"},
+      )
+
+    man = self.runner.run(directory, name, stage_inputs, stage_settings(tcfg), body, everyone=True)
     return {**man, "model": str(directory / man["model"])}
 
-  def score_stage(self, r: int, directory: Path, pairs_path: Path, pairs: list[dict],
-                  scorers: list[Scorer], known: Path | None) -> tuple[dict, list[Path]]:
+  def score_stage(
+    self,
+    r: int,
+    directory: Path,
+    pairs_path: Path,
+    pairs: list[dict],
+    scorers: list[Scorer],
+    known: Path | None,
+  ) -> tuple[dict, list[Path]]:
     """Every scorer's scores of the round's pairs; the first scorer reuses `known`, the scores
     the previous round's filter stage gave by the same model."""
     name = f"round_{r}/score"
@@ -190,31 +258,45 @@ class _Curation:
       outputs, scored = {}, 0
       for k, scorer in enumerate(scorers):
         reused = steps.read_score_file(known) if (known is not None and k == 0) else None
-        outputs[f"scores_{k}"], n = self.scorer.score(d, f"scores_{k}", name, pairs, scorer.path,
-                                                      reused)
+        outputs[f"scores_{k}"], n = self.scorer.score(
+          d, f"scores_{k}", name, pairs, scorer.path, reused
+        )
         scored += n
-      return StageResult(outputs, {"pairs": len(pairs), "answers": unique_answers(pairs),
-                                   "scorers": len(scorers), "scored": scored})
-    man = self.runner.run(directory, name, inputs, self.scorer.settings.key(), body,
-                          everyone=True)
+      return StageResult(
+        outputs,
+        {
+          "pairs": len(pairs),
+          "answers": unique_answers(pairs),
+          "scorers": len(scorers),
+          "scored": scored,
+        },
+      )
+
+    man = self.runner.run(directory, name, inputs, self.scorer.settings.key(), body, everyone=True)
     return man, [_output(directory, man, f"scores_{k}") for k in range(len(scorers))]
 
-  def flip_stage(self, r: int, directory: Path, pairs_path: Path, pairs: list[dict],
-                 score_files: list[Path]) -> tuple[dict, Path]:
+  def flip_stage(
+    self, r: int, directory: Path, pairs_path: Path, pairs: list[dict], score_files: list[Path]
+  ) -> tuple[dict, Path]:
     def body(d: Path) -> StageResult:
-      out, missing = steps.flip(pairs, [steps.read_score_file(s) for s in score_files],
-                                float(self.cc.flip_fraction))
+      out, missing = steps.flip(
+        pairs, [steps.read_score_file(s) for s in score_files], float(self.cc.flip_fraction)
+      )
       if missing:
-        raise UserError(f"{pairs_path}: {len(missing)} pair(s) have no score "
-                        f"(first: {missing[0].pair_id!r})")
+        raise UserError(
+          f"{pairs_path}: {len(missing)} pair(s) have no score (first: {missing[0].pair_id!r})"
+        )
       write_jsonl(d / "flipped.jsonl", out)
       n_flip = sum(1 for p in out if p.get("flipped"))
       n_neg = sum(1 for p in out if p["strength"] < 0) + n_flip
-      return StageResult({"flipped": d / "flipped.jsonl"},
-                         {"pairs": len(out), "negative": n_neg, "flipped": n_flip})
+      return StageResult(
+        {"flipped": d / "flipped.jsonl"}, {"pairs": len(out), "negative": n_neg, "flipped": n_flip}
+      )
+
     inputs = {"pairs": file_sha256(pairs_path), "scores": [file_sha256(s) for s in score_files]}
-    man = self.runner.run(directory, f"round_{r}/flip", inputs,
-                          {"flip_fraction": float(self.cc.flip_fraction)}, body)
+    man = self.runner.run(
+      directory, f"round_{r}/flip", inputs, {"flip_fraction": float(self.cc.flip_fraction)}, body
+    )
     return man, _output(directory, man, "flipped")
 
   def filter_stage(self, r: int, directory: Path, flipped_path: Path, train_man: dict) -> dict:
@@ -230,11 +312,12 @@ class _Curation:
         write_jsonl(d / "kept.jsonl", kept)
         write_jsonl(d / "queue.jsonl", queue)
         counts = {"pairs": len(flipped), "kept": len(kept), "queued": len(queue)}
-      return StageResult({"scores": scores, "kept": d / "kept.jsonl", "queue": d / "queue.jsonl"},
-                         counts)
+      return StageResult(
+        {"scores": scores, "kept": d / "kept.jsonl", "queue": d / "queue.jsonl"}, counts
+      )
+
     inputs = {"flipped": file_sha256(flipped_path), "model": train_man["key"]}
-    return self.runner.run(directory, name, inputs, self.scorer.settings.key(), body,
-                           everyone=True)
+    return self.runner.run(directory, name, inputs, self.scorer.settings.key(), body, everyone=True)
 
   def judge_stage(self, r: int, directory: Path, queue_path: Path) -> dict:
     name = f"round_{r}/judge"
@@ -245,35 +328,62 @@ class _Curation:
       self.judge.judge(queue_path, out, r, lambda: self.runner.faults.tick(name))
       judgments = [j for _, j in iter_jsonl(out)]
       valid = sum(steps.judgment_vote(j) is not None for j in judgments)
-      return StageResult({"judgments": out}, {"queued": len(_read_pairs(queue_path)),
-                                              "judgments": len(judgments), "valid": valid})
-    return self.runner.run(directory, name, {"queue": file_sha256(queue_path), **judge_inputs},
-                           settings, body)
+      return StageResult(
+        {"judgments": out},
+        {"queued": len(_read_pairs(queue_path)), "judgments": len(judgments), "valid": valid},
+      )
 
-  def merge_stage(self, r: int, directory: Path, flipped_path: Path, kept_path: Path,
-                  queue_path: Path, judgments_path: Path) -> dict:
+    return self.runner.run(
+      directory, name, {"queue": file_sha256(queue_path), **judge_inputs}, settings, body
+    )
+
+  def merge_stage(
+    self,
+    r: int,
+    directory: Path,
+    flipped_path: Path,
+    kept_path: Path,
+    queue_path: Path,
+    judgments_path: Path,
+  ) -> dict:
     def body(d: Path) -> StageResult:
       queue = _read_pairs(queue_path)
       vote = steps.vote(queue, [j for _, j in iter_jsonl(judgments_path)], int(self.cc.min_votes))
       write_jsonl(d / "reannotated.jsonl", vote.kept)
       outcome = {str(p["id"]): ("kept", p) for p in _read_pairs(kept_path)}
       outcome.update({str(p["id"]): ("reannotated", p) for p in vote.kept})
-      curated = [curated_pair(outcome[str(p["id"])][1], r, outcome[str(p["id"])][0],
-                              bool(p.get("flipped")))
-                 for p in _read_pairs(flipped_path) if str(p["id"]) in outcome]
+      curated = [
+        curated_pair(outcome[str(p["id"])][1], r, outcome[str(p["id"])][0], bool(p.get("flipped")))
+        for p in _read_pairs(flipped_path)
+        if str(p["id"]) in outcome
+      ]
       write_jsonl(d / "curated.jsonl", curated)
       relabelled = sum(1 for p in vote.kept if p["meta"]["vote"]["swapped"])
       dropped = len(vote.no_quorum) + len(vote.tied)
       return StageResult(
-          {"reannotated": d / "reannotated.jsonl", "curated": d / "curated.jsonl"},
-          {"queued": len(queue), "reannotated": len(vote.kept), "relabelled": relabelled,
-           "no_quorum": len(vote.no_quorum), "tied": len(vote.tied), "dropped": dropped,
-           "invalid_judgments": vote.invalid, "unknown_judgments": len(vote.unknown),
-           "curated": len(curated)})
-    inputs = {"flipped": file_sha256(flipped_path), "kept": file_sha256(kept_path),
-              "queue": file_sha256(queue_path), "judgments": file_sha256(judgments_path)}
-    return self.runner.run(directory, f"round_{r}/merge", inputs,
-                           {"min_votes": int(self.cc.min_votes)}, body)
+        {"reannotated": d / "reannotated.jsonl", "curated": d / "curated.jsonl"},
+        {
+          "queued": len(queue),
+          "reannotated": len(vote.kept),
+          "relabelled": relabelled,
+          "no_quorum": len(vote.no_quorum),
+          "tied": len(vote.tied),
+          "dropped": dropped,
+          "invalid_judgments": vote.invalid,
+          "unknown_judgments": len(vote.unknown),
+          "curated": len(curated),
+        },
+      )
+
+    inputs = {
+      "flipped": file_sha256(flipped_path),
+      "kept": file_sha256(kept_path),
+      "queue": file_sha256(queue_path),
+      "judgments": file_sha256(judgments_path),
+    }
+    return self.runner.run(
+      directory, f"round_{r}/merge", inputs, {"min_votes": int(self.cc.min_votes)}, body
+    )
 
 
 def curated_pair(pair: dict, r: int, outcome: str, flipped: bool) -> dict:

@@ -16,8 +16,8 @@ import dataclasses
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -29,8 +29,18 @@ from mrm_jax.io import atomic_open, iter_jsonl, read_json_object, write_json
 LabelTruth = Callable[[dict], "bool | None"]
 
 # Per-round counts, in the order the summary table and the count plot show them.
-COUNT_KEYS = ("input", "negative", "flipped", "kept", "queued", "judgments", "reannotated",
-              "relabelled", "dropped", "curated")
+COUNT_KEYS = (
+  "input",
+  "negative",
+  "flipped",
+  "kept",
+  "queued",
+  "judgments",
+  "reannotated",
+  "relabelled",
+  "dropped",
+  "curated",
+)
 
 
 def load_truth(path: str | os.PathLike) -> LabelTruth:
@@ -45,16 +55,19 @@ def load_truth(path: str | os.PathLike) -> LabelTruth:
   if isinstance(obj, dict) and "answer" not in obj:
     correct = obj.get("correct_answer")
     if not isinstance(correct, dict) or not all(isinstance(a, str) for a in correct.values()):
-      raise UserError(f"{path}: a JSON truth file needs 'correct_answer': "
-                      "{pair id: answer string}")
-    return lambda pair: (None if str(pair.get("id")) not in correct
-                         else pair["chosen"] == correct[str(pair.get("id"))])
+      raise UserError(
+        f"{path}: a JSON truth file needs 'correct_answer': {{pair id: answer string}}"
+      )
+    return lambda pair: (
+      None if str(pair.get("id")) not in correct else pair["chosen"] == correct[str(pair.get("id"))]
+    )
   answers = answer_truth(path)
 
   def label_right(pair: dict):
     c = answers.get(score_key(pair.get("images"), pair["question"], pair["chosen"]))
     r = answers.get(score_key(pair.get("images"), pair["question"], pair["rejected"]))
     return None if c is None or r is None else (c and not r)
+
   return label_right
 
 
@@ -63,11 +76,15 @@ def answer_truth(path: str | os.PathLike) -> dict[tuple, bool]:
   out = {}
   for lineno, rec in iter_jsonl(path):
     if not isinstance(rec.get("correct"), bool) or not isinstance(rec.get("answer"), str):
-      raise UserError(f"{at(path, lineno)}: a truth record needs 'answer' (string) and 'correct' "
-                      "(true/false)")
+      raise UserError(
+        f"{at(path, lineno)}: a truth record needs 'answer' (string) and 'correct' (true/false)"
+      )
     images = rec.get("images")
-    if not (images is None or isinstance(images, str)
-            or (isinstance(images, list) and all(isinstance(p, str) for p in images))):
+    if not (
+      images is None
+      or isinstance(images, str)
+      or (isinstance(images, list) and all(isinstance(p, str) for p in images))
+    ):
       raise UserError(f"{at(path, lineno)}: field 'images' should be a list of paths")
     out[score_key(rec.get("images"), str(rec.get("question", "")), rec["answer"])] = rec["correct"]
   return out
@@ -82,8 +99,15 @@ def _ratio(a: int, b: int) -> float | None:
   return round(a / b, 4) if b else None
 
 
-def round_truth(truth: LabelTruth, inputs: list[dict], flipped: list[dict], kept: list[dict],
-                queue: list[dict], reannotated: list[dict], curated: list[dict]) -> dict:
+def round_truth(
+  truth: LabelTruth,
+  inputs: list[dict],
+  flipped: list[dict],
+  kept: list[dict],
+  queue: list[dict],
+  reannotated: list[dict],
+  curated: list[dict],
+) -> dict:
   """Agreement of one round's pair sets with the truth: label accuracy of each set, and how well the
   flip step found the wrong labels of its input (precision: flipped pairs that were wrong; recall:
   wrong pairs that got flipped)."""
@@ -92,15 +116,15 @@ def round_truth(truth: LabelTruth, inputs: list[dict], flipped: list[dict], kept
   flipped_ids = {str(p.get("id")) for p in flipped if p.get("flipped")}
   hit = len(flipped_ids & wrong_before)
   return {
-      "input_accuracy": _share([truth(p) for p in inputs]),
-      "flipped_accuracy": _share([truth(p) for p in flipped]),
-      "kept_accuracy": _share([truth(p) for p in kept]),
-      "queued_accuracy": _share([truth(p) for p in queue]),
-      "reannotated_accuracy": _share([truth(p) for p in reannotated]),
-      "curated_accuracy": _share([truth(p) for p in curated]),
-      "input_wrong": len(wrong_before),
-      "flip_precision": _ratio(hit, len(flipped_ids)),
-      "flip_recall": _ratio(hit, len(wrong_before)),
+    "input_accuracy": _share([truth(p) for p in inputs]),
+    "flipped_accuracy": _share([truth(p) for p in flipped]),
+    "kept_accuracy": _share([truth(p) for p in kept]),
+    "queued_accuracy": _share([truth(p) for p in queue]),
+    "reannotated_accuracy": _share([truth(p) for p in reannotated]),
+    "curated_accuracy": _share([truth(p) for p in curated]),
+    "input_wrong": len(wrong_before),
+    "flip_precision": _ratio(hit, len(flipped_ids)),
+    "flip_recall": _ratio(hit, len(wrong_before)),
   }
 
 
@@ -112,20 +136,23 @@ def overall_truth(truth: LabelTruth, noisy: list[dict], curated: list[dict]) -> 
   final = {str(p.get("id")): p for p in curated}
   wrong = {str(p.get("id")) for p in noisy if truth(p) is False}
   known = {str(p.get("id")) for p in noisy if truth(p) is not None}
-  found = {str(p.get("id")) for p in noisy
-           if str(p.get("id")) in final and final[str(p.get("id"))]["chosen"] != p["chosen"]}
+  found = {
+    str(p.get("id"))
+    for p in noisy
+    if str(p.get("id")) in final and final[str(p.get("id"))]["chosen"] != p["chosen"]
+  }
   dropped = {str(p.get("id")) for p in noisy} - set(final)
   return {
-      "noisy_accuracy": _share([truth(p) for p in noisy]),
-      "curated_accuracy": _share([truth(p) for p in curated]),
-      "mislabelled": len(wrong),
-      "found": len(found),
-      "found_mislabelled": len(found & wrong),
-      "dropped": len(dropped),
-      "dropped_mislabelled": len(dropped & wrong),
-      "noise_precision": _ratio(len(found & wrong & known), len(found & known)),
-      "noise_recall": _ratio(len(found & wrong), len(wrong)),
-      "noise_removed_recall": _ratio(len((found | dropped) & wrong), len(wrong)),
+    "noisy_accuracy": _share([truth(p) for p in noisy]),
+    "curated_accuracy": _share([truth(p) for p in curated]),
+    "mislabelled": len(wrong),
+    "found": len(found),
+    "found_mislabelled": len(found & wrong),
+    "dropped": len(dropped),
+    "dropped_mislabelled": len(dropped & wrong),
+    "noise_precision": _ratio(len(found & wrong & known), len(found & known)),
+    "noise_recall": _ratio(len(found & wrong), len(wrong)),
+    "noise_removed_recall": _ratio(len((found | dropped) & wrong), len(wrong)),
   }
 
 
@@ -139,8 +166,14 @@ def summary_table(report: dict) -> str:
     known = t.get("input_accuracy") is not None and t.get("curated_accuracy") is not None
     acc = f"{t['input_accuracy']:.3f}→{t['curated_accuracy']:.3f}" if known else "-"
     ev = ((rr.get("train") or {}).get("eval") or {}).get("accuracy")
-    rows.append([str(rr["round"]), *(str(c.get(k, "-")) for k in COUNT_KEYS), acc,
-                 f"{ev:.3f}" if isinstance(ev, float) else "-"])
+    rows.append(
+      [
+        str(rr["round"]),
+        *(str(c.get(k, "-")) for k in COUNT_KEYS),
+        acc,
+        f"{ev:.3f}" if isinstance(ev, float) else "-",
+      ]
+    )
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
   out = "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
@@ -149,18 +182,23 @@ def summary_table(report: dict) -> str:
     out += f"\nbase model (before curation): eval accuracy {base_eval:.3f}"
   tt = report.get("truth")
   if tt:
+
     def f(x):
       return "-" if x is None else f"{x:.3f}"
-    out += (f"\nvs. truth: noisy label accuracy {f(tt['noisy_accuracy'])} → curated "
-            f"{f(tt['curated_accuracy'])}; mislabelled pairs found: precision "
-            f"{f(tt['noise_precision'])}, recall {f(tt['noise_recall'])} "
-            f"({tt['found_mislabelled']}/{tt['mislabelled']}; {tt['dropped']} dropped, "
-            f"{tt['dropped_mislabelled']} of them mislabelled)")
+
+    out += (
+      f"\nvs. truth: noisy label accuracy {f(tt['noisy_accuracy'])} → curated "
+      f"{f(tt['curated_accuracy'])}; mislabelled pairs found: precision "
+      f"{f(tt['noise_precision'])}, recall {f(tt['noise_recall'])} "
+      f"({tt['found_mislabelled']}/{tt['mislabelled']}; {tt['dropped']} dropped, "
+      f"{tt['dropped_mislabelled']} of them mislabelled)"
+    )
   return out
 
 
-def plot_strengths(path: str | os.PathLike, flipped: list[dict], truth: LabelTruth | None,
-                   round_index: int) -> None:
+def plot_strengths(
+  path: str | os.PathLike, flipped: list[dict], truth: LabelTruth | None, round_index: int
+) -> None:
   """Histogram of the flip strength (mean score(chosen) − score(rejected) for the labels as they
   came), split by true label when a truth is given, with the flip threshold."""
   original = []
@@ -174,8 +212,13 @@ def plot_strengths(path: str | os.PathLike, flipped: list[dict], truth: LabelTru
   if truth is not None and values:
     right = [s for s, p in original if truth({**p, **_as_came(p)}) is True]
     wrong = [s for s, p in original if truth({**p, **_as_came(p)}) is False]
-    ax.hist([right, wrong], bins=bins, stacked=True, label=["label right", "label wrong"],
-            color=["tab:blue", "tab:red"])
+    ax.hist(
+      [right, wrong],
+      bins=bins,
+      stacked=True,
+      label=["label right", "label wrong"],
+      color=["tab:blue", "tab:red"],
+    )
     ax.legend(loc="upper left")
   else:
     ax.hist(values, bins=bins, color="tab:blue")
@@ -204,8 +247,9 @@ def plot_counts(path: str | os.PathLike, report: dict) -> None:
   width = 0.8 / max(1, len(rounds))
   x = np.arange(len(keys))
   for i, rr in enumerate(rounds):
-    ax.bar(x + i * width, [rr["counts"].get(k, 0) for k in keys], width,
-           label=f"round {rr['round']}")
+    ax.bar(
+      x + i * width, [rr["counts"].get(k, 0) for k in keys], width, label=f"round {rr['round']}"
+    )
   ax.set_xticks(x + width * (len(rounds) - 1) / 2)
   ax.set_xticklabels(keys, rotation=20)
   ax.set_ylabel("pairs")
@@ -222,6 +266,7 @@ def plot_counts(path: str | os.PathLike, report: dict) -> None:
 @dataclasses.dataclass(frozen=True)
 class RoundFiles:
   """One finished round: its stage manifests and the pair files they point at."""
+
   round: int
   dir: Path
   input: Path
@@ -246,30 +291,67 @@ def _pairs(path: Path) -> list[dict]:
 
 def round_counts(rf: RoundFiles) -> dict:
   """A round's counts, from its stage manifests."""
-  s, f, fl, j, m = (rf.score["counts"], rf.flip["counts"], rf.filter["counts"],
-                    rf.judge["counts"], rf.merge["counts"])
-  return {"input": s["pairs"], "negative": f["negative"], "flipped": f["flipped"],
-          "kept": fl["kept"], "queued": fl["queued"], "judgments": j["judgments"],
-          **{k: m[k] for k in ("reannotated", "relabelled", "dropped", "curated", "no_quorum",
-                               "tied", "invalid_judgments")},
-          "answers_scored": s["scored"]}
+  s, f, fl, j, m = (
+    rf.score["counts"],
+    rf.flip["counts"],
+    rf.filter["counts"],
+    rf.judge["counts"],
+    rf.merge["counts"],
+  )
+  return {
+    "input": s["pairs"],
+    "negative": f["negative"],
+    "flipped": f["flipped"],
+    "kept": fl["kept"],
+    "queued": fl["queued"],
+    "judgments": j["judgments"],
+    **{
+      k: m[k]
+      for k in (
+        "reannotated",
+        "relabelled",
+        "dropped",
+        "curated",
+        "no_quorum",
+        "tied",
+        "invalid_judgments",
+      )
+    },
+    "answers_scored": s["scored"],
+  }
 
 
 def round_report(rf: RoundFiles, truth: LabelTruth | None) -> dict:
   """WORKDIR/round_r/report.json: counts, M_{r+1}'s training summary and model, the curated
   set, seconds per stage, and agreement with the truth when one is known."""
   seconds = {k: getattr(rf, k)["seconds"] for k in ("score", "flip", "filter", "judge", "merge")}
-  entry = {"round": rf.round, "counts": round_counts(rf), "train": rf.train["train"],
-           "model": rf.train["model"], "curated": str(rf.curated),
-           "seconds": seconds | {"train": rf.train["seconds"]}}
+  entry = {
+    "round": rf.round,
+    "counts": round_counts(rf),
+    "train": rf.train["train"],
+    "model": rf.train["model"],
+    "curated": str(rf.curated),
+    "seconds": seconds | {"train": rf.train["seconds"]},
+  }
   if truth is not None:
-    entry["truth"] = round_truth(truth, *(_pairs(p) for p in (
-        rf.input, rf.flipped, rf.kept, rf.queue, rf.reannotated, rf.curated)))
+    entry["truth"] = round_truth(
+      truth,
+      *(_pairs(p) for p in (rf.input, rf.flipped, rf.kept, rf.queue, rf.reannotated, rf.curated)),
+    )
   return entry
 
 
-def write_report(workdir: Path, inputs, base_man: dict | None, rounds: list[RoundFiles], *,
-                 t0: float, plots: bool, primary: bool, say: Callable[[str], None]) -> dict:
+def write_report(
+  workdir: Path,
+  inputs,
+  base_man: dict | None,
+  rounds: list[RoundFiles],
+  *,
+  t0: float,
+  plots: bool,
+  primary: bool,
+  say: Callable[[str], None],
+) -> dict:
   """The run's report (WORKDIR/report.json, written by process 0 with the per-round reports,
   WORKDIR/curated.jsonl and the plots):
     base      {model, train} of M_0 when it was trained here (else None); `train` is the
@@ -283,15 +365,22 @@ def write_report(workdir: Path, inputs, base_man: dict | None, rounds: list[Roun
   entries = [round_report(rf, truth) for rf in rounds]
   last, final_curated = rounds[-1], workdir / "curated.jsonl"
   report = {
-      "workdir": str(workdir), "noisy": str(inputs.noisy),
-      "base_train": [str(f) for f in inputs.base_train],
-      "base": {"model": base_man["model"], "train": base_man["train"]} if base_man else None,
-      "rounds": entries,
-      "final": {"curated": str(final_curated), "model": last.train["model"],
-                "n_curated": last.merge["counts"]["curated"]},
-      "truth": (overall_truth(truth, _pairs(inputs.noisy), _pairs(last.curated))
-                if truth is not None else None),
-      "seconds": round(time.time() - t0, 3),
+    "workdir": str(workdir),
+    "noisy": str(inputs.noisy),
+    "base_train": [str(f) for f in inputs.base_train],
+    "base": {"model": base_man["model"], "train": base_man["train"]} if base_man else None,
+    "rounds": entries,
+    "final": {
+      "curated": str(final_curated),
+      "model": last.train["model"],
+      "n_curated": last.merge["counts"]["curated"],
+    },
+    "truth": (
+      overall_truth(truth, _pairs(inputs.noisy), _pairs(last.curated))
+      if truth is not None
+      else None
+    ),
+    "seconds": round(time.time() - t0, 3),
   }
   if not primary:
     return report
@@ -304,13 +393,16 @@ def write_report(workdir: Path, inputs, base_man: dict | None, rounds: list[Roun
     report["plots"] = _plot_run(workdir / "plots", rounds, truth, report)
   write_json(workdir / "report.json", report)
   say(summary_table(report))
-  say(f"curated set: {final_curated} ({report['final']['n_curated']} pairs); final model: "
-      f"{report['final']['model']}; report: {workdir / 'report.json'}")
+  say(
+    f"curated set: {final_curated} ({report['final']['n_curated']} pairs); final model: "
+    f"{report['final']['model']}; report: {workdir / 'report.json'}"
+  )
   return report
 
 
-def _plot_run(plots: Path, rounds: list[RoundFiles], truth: LabelTruth | None,
-              report: dict) -> list[str]:
+def _plot_run(
+  plots: Path, rounds: list[RoundFiles], truth: LabelTruth | None, report: dict
+) -> list[str]:
   paths = []
   for rf in rounds:
     p = plots / f"strength_round_{rf.round}.png"

@@ -4,8 +4,8 @@ processes: every unique (images, question, answer) once, into a curation score f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 from tqdm import tqdm
@@ -22,6 +22,7 @@ from mrm_jax.stages import StageRunner
 class ScoreSettings:
   """How answers are scored (curate.score, data.*): part of every score stage's key except the
   paths, which are where things are, not what is computed."""
+
   batch_size: int
   dtype: str
   max_len: int
@@ -31,17 +32,26 @@ class ScoreSettings:
   processor_dir: str  # the HF directory whose tokenizer / processor every scorer uses
 
   def key(self) -> dict:
-    return {"batch_size": self.batch_size, "dtype": self.dtype, "max_len": self.max_len,
-            "max_pixels": self.max_pixels, "min_pixels": self.min_pixels}
+    return {
+      "batch_size": self.batch_size,
+      "dtype": self.dtype,
+      "max_len": self.max_len,
+      "max_pixels": self.max_pixels,
+      "min_pixels": self.min_pixels,
+    }
 
 
 def score_settings(cfg, image_root: Path, processor_dir: str) -> ScoreSettings:
   cc = cfg.curate
   return ScoreSettings(
-      batch_size=int(cc.score.batch_size), dtype=cc.score.dtype,
-      max_len=int(cc.score.max_len) or int(cfg.data.max_seq_len),
-      min_pixels=int(cfg.data.min_pixels), max_pixels=int(cfg.data.max_pixels),
-      image_root=image_root, processor_dir=processor_dir)
+    batch_size=int(cc.score.batch_size),
+    dtype=cc.score.dtype,
+    max_len=int(cc.score.max_len) or int(cfg.data.max_seq_len),
+    min_pixels=int(cfg.data.min_pixels),
+    max_pixels=int(cfg.data.max_pixels),
+    image_root=image_root,
+    processor_dir=processor_dir,
+  )
 
 
 def answer_records(pairs: list[dict]) -> tuple[list[dict], list[tuple]]:
@@ -54,8 +64,12 @@ def answer_records(pairs: list[dict]) -> tuple[list[dict], list[tuple]]:
         continue
       seen.add(key)
       keys.append(key)
-      rec = {"id": f"{p.get('id', '')}:{len(records)}", "images": list(p.get("images") or []),
-             "question": p["question"], "answer": answer}
+      rec = {
+        "id": f"{p.get('id', '')}:{len(records)}",
+        "images": list(p.get("images") or []),
+        "question": p["question"],
+        "answer": answer,
+      }
       if p.get("system") is not None:
         rec["system"] = p["system"]
       records.append(rec)
@@ -63,8 +77,13 @@ def answer_records(pairs: list[dict]) -> tuple[list[dict], list[tuple]]:
 
 
 def unique_answers(pairs: list[dict]) -> int:
-  return len({score_key(p.get("images"), p["question"], a)
-              for p in pairs for a in (p["chosen"], p["rejected"])})
+  return len(
+    {
+      score_key(p.get("images"), p["question"], a)
+      for p in pairs
+      for a in (p["chosen"], p["rejected"])
+    }
+  )
 
 
 class PairScorer:
@@ -76,12 +95,18 @@ class PairScorer:
   def load(self, path: str):
     """(model, processor) of a training workdir (latest checkpoint) or an HF directory."""
     s = self.settings
-    return load_model(path, dtype=s.dtype, devices=jax.local_devices()[:1],
-                      min_pixels=s.min_pixels, max_pixels=s.max_pixels,
-                      processor_dir=s.processor_dir)
+    return load_model(
+      path,
+      dtype=s.dtype,
+      devices=jax.local_devices()[:1],
+      min_pixels=s.min_pixels,
+      max_pixels=s.max_pixels,
+      processor_dir=s.processor_dir,
+    )
 
-  def score(self, d: Path, name: str, stage: str, pairs: list[dict], scorer: str,
-            known: dict | None = None) -> tuple[Path, int]:
+  def score(
+    self, d: Path, name: str, stage: str, pairs: list[dict], scorer: str, known: dict | None = None
+  ) -> tuple[Path, int]:
     """Scores every unique answer of `pairs` with `scorer` into d/NAME.jsonl (curation score
     format); returns (that path, the number of answers scored here).
 
@@ -94,7 +119,7 @@ class PairScorer:
     known = known or {}
     todo = [i for i, k in enumerate(keys) if k not in known]
     bs = self.settings.batch_size
-    blocks = [todo[b:b + bs] for b in range(0, len(todo), bs)]
+    blocks = [todo[b : b + bs] for b in range(0, len(todo), bs)]
     nproc = self.runner.nproc
     logs = [d / (f"{name}.log.jsonl" if k == 0 else f"{name}.log.p{k}.jsonl") for k in range(nproc)]
     mine = [b for b in range(len(blocks)) if b % nproc == self.runner.rank]
@@ -106,12 +131,24 @@ class PairScorer:
       for idx, got in zip(blocks, _logged_blocks(logs, blocks, d)):
         for i, score in zip(idx, got):
           scores[i] = score
-      write_jsonl(out, ({"images": r["images"], "question": r["question"], "answer": r["answer"],
-                         "score": s} for r, s in zip(records, scores)))
+      write_jsonl(
+        out,
+        (
+          {"images": r["images"], "question": r["question"], "answer": r["answer"], "score": s}
+          for r, s in zip(records, scores)
+        ),
+      )
     return out, len(todo)
 
-  def _score_blocks(self, log_path: Path, stage: str, scorer: str, records: list[dict],
-                    blocks: list[list[int]], mine: list[int]) -> None:
+  def _score_blocks(
+    self,
+    log_path: Path,
+    stage: str,
+    scorer: str,
+    records: list[dict],
+    blocks: list[list[int]],
+    mine: list[int],
+  ) -> None:
     """Scores this process's batches not yet in its log, one log line per batch."""
     s = self.settings
     with AppendLog(log_path) as log:
@@ -120,13 +157,27 @@ class PairScorer:
       if not left:
         return
       model, processor = self.load(scorer)
-      bar = tqdm(total=len(mine), initial=len(mine) - len(left), desc=f"score {stage}",
-                 unit="batch", disable=not (self.progress and self.runner.primary),
-                 dynamic_ncols=True, leave=False)
+      bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(left),
+        desc=f"score {stage}",
+        unit="batch",
+        disable=not (self.progress and self.runner.primary),
+        dynamic_ncols=True,
+        leave=False,
+      )
       for b in left:
         batch = [records[i] for i in blocks[b]]
-        scores = score_records(model, processor, batch, s.image_root, s.batch_size,
-                               max_len=s.max_len, progress=False, where=_answer_where(stage, batch))
+        scores = score_records(
+          model,
+          processor,
+          batch,
+          s.image_root,
+          s.batch_size,
+          max_len=s.max_len,
+          progress=False,
+          where=_answer_where(stage, batch),
+        )
         log.append({"block": b, "scores": scores})
         bar.update(1)
         self.runner.faults.tick(stage)
@@ -147,6 +198,8 @@ def _logged_blocks(logs: list[Path], blocks: list[list[int]], d: Path) -> list[l
   for b, idx in enumerate(blocks):
     got = by_block.get(b)
     if got is None or len(got) != len(idx):
-      raise UserError(f"{logs[0]}: batch {b} of the score log is missing or has the wrong size; "
-                      f"delete {d} to rescore")
+      raise UserError(
+        f"{logs[0]}: batch {b} of the score log is missing or has the wrong size; "
+        f"delete {d} to rescore"
+      )
   return [by_block[b] for b in range(len(blocks))]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Sequence
 
 from mrm_jax.data.records import is_finite_number, score_key
 from mrm_jax.errors import UserError, at
@@ -61,6 +61,7 @@ def pair_scores(pair: dict, table: ScoreTable) -> tuple[float, float] | None:
 class Missing:
   """A pair left out for lack of a score: its position in the input and the score files without
   it."""
+
   index: int
   pair_id: str
   files: list[int]
@@ -83,8 +84,9 @@ def swap(pair: dict) -> dict:
   return {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
 
 
-def flip(pairs: Sequence[dict], tables: Sequence[ScoreTable],
-         fraction: float = 0.5) -> tuple[list[dict], list[Missing]]:
+def flip(
+  pairs: Sequence[dict], tables: Sequence[ScoreTable], fraction: float = 0.5
+) -> tuple[list[dict], list[Missing]]:
   """Curation step 1. strength = mean over scorers of score(chosen) − score(rejected). Among the
   pairs with strength < 0, sorted ascending (stable: ties keep input order), the first
   ⌊fraction · n_negative⌋ get chosen and rejected swapped and `"flipped": true`.
@@ -101,8 +103,10 @@ def flip(pairs: Sequence[dict], tables: Sequence[ScoreTable],
   strength = {i: sum(c - r for c, r in per) / len(per) for i, per in scored}
   for i, value in strength.items():
     if not math.isfinite(value):  # finite scores whose difference overflows: not writable as JSON
-      raise UserError(f"pair {i + 1} (id {pairs[i].get('id')!r}): its scores are too large to "
-                      f"subtract (strength {value})")
+      raise UserError(
+        f"pair {i + 1} (id {pairs[i].get('id')!r}): its scores are too large to "
+        f"subtract (strength {value})"
+      )
   negative = sorted((i for i, _ in scored if strength[i] < 0), key=lambda i: strength[i])
   n_flip = math.floor(Fraction(repr(float(fraction))) * len(negative))  # exact: 0.29 · 100 = 29
   to_flip = set(negative[:n_flip])
@@ -115,8 +119,9 @@ def flip(pairs: Sequence[dict], tables: Sequence[ScoreTable],
   return out, missing
 
 
-def filter_consistent(pairs: Sequence[dict], tables: Sequence[ScoreTable]
-                      ) -> tuple[list[dict], list[dict], list[Missing]]:
+def filter_consistent(
+  pairs: Sequence[dict], tables: Sequence[ScoreTable]
+) -> tuple[list[dict], list[dict], list[Missing]]:
   """Curation step 2: (kept, queue, missing). A pair is kept when the mean over scorers of
   score(chosen) is strictly greater than that of score(rejected); the others (ties included)
   go to the re-annotation queue, labelled as they came."""
@@ -155,10 +160,10 @@ def judgment_vote(judgment: dict) -> tuple[float, float] | None:
 @dataclasses.dataclass
 class VoteResult:
   kept: list[dict]
-  no_quorum: list[str]     # ids with fewer than min_votes valid judgments
-  tied: list[str]          # ids whose votes split evenly
-  invalid: int             # invalid judgments (not counted)
-  unknown: list[str]       # judgment ids not in the queue
+  no_quorum: list[str]  # ids with fewer than min_votes valid judgments
+  tied: list[str]  # ids whose votes split evenly
+  invalid: int  # invalid judgments (not counted)
+  unknown: list[str]  # judgment ids not in the queue
 
 
 def vote(queue: Sequence[dict], judgments: Sequence[dict], min_votes: int = 2) -> VoteResult:

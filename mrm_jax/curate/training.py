@@ -4,8 +4,8 @@ on its batches, and JAX's compilation cache (every round retrains with the same 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import ml_collections
@@ -62,6 +62,7 @@ def fault_data_factory(faults: Faults, stage: str):
   def factory(c, split, path):
     data = default_data_factory(c, split, path)
     return TickingData(data, lambda: faults.tick(stage)) if split == "train" else data
+
   return factory
 
 

@@ -12,14 +12,21 @@ pairs meet in a batch stays random from epoch to epoch. The order is a pure func
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 
-def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True,
-                lengths: Sequence[int] | None = None, batch_size: int = 1,
-                group_batches: int = 0) -> np.ndarray:
+def epoch_order(
+  n: int,
+  *,
+  seed: int,
+  epoch: int,
+  shuffle: bool = True,
+  lengths: Sequence[int] | None = None,
+  batch_size: int = 1,
+  group_batches: int = 0,
+) -> np.ndarray:
   """Record indices of one epoch, in reading order (see the module docstring)."""
   order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
   if lengths is None or group_batches <= 1 or batch_size < 1:
@@ -28,9 +35,12 @@ def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True,
   if lengths.shape != (n,):
     raise ValueError(f"{lengths.shape[0]} lengths for {n} records")
   group = batch_size * group_batches
-  grouped = np.concatenate([
+  grouped = np.concatenate(
+    [
       chunk[np.argsort(-lengths[chunk], kind="stable")]
-      for chunk in (order[i:i + group] for i in range(0, n, group))])
+      for chunk in (order[i : i + group] for i in range(0, n, group))
+    ]
+  )
   full = n // batch_size * batch_size
   batches = grouped[:full].reshape(-1, batch_size)
   if shuffle:

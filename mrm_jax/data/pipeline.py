@@ -147,6 +147,9 @@ class PairPipeline:
     least 16) of what the batch needs (few distinct shapes without any configuration).
   lengths, group_batches: estimated tokens per entry and the batches per length group of
     `mrm_jax.data.ordering.epoch_order` (0 = no grouping).
+  share_vision: each pair's images are processed and sent once: the rejected response is encoded
+    with `encode_fn(..., vision=chosen_example)` (reusing its processed images) and collated with
+    `collate_fn(..., share=[None] * B + [0..B-1])` (its rows read the chosen rows' vision tokens).
   """
 
   def __init__(self, entries: Sequence[Entry], *, encode_fn: Callable, collate_fn: Callable,
@@ -155,7 +158,7 @@ class PairPipeline:
                shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                process_count: int = 1, max_skip_rate: float = 0.01, min_checked: int = 100,
                num_parallel_calls: int = 4, prefetch: int = 2, lengths: Sequence[int] | None = None,
-               group_batches: int = 0):
+               group_batches: int = 0, share_vision: bool = False):
     if not entries:
       raise UserError("the training data holds no records")
     if batch_size % process_count:
@@ -171,6 +174,7 @@ class PairPipeline:
     self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
     self.process_index, self.process_count = process_index, process_count
     self.lengths, self.group_batches = lengths, int(group_batches)
+    self.share_vision = bool(share_vision)
     self.max_skip_rate, self.min_checked = float(max_skip_rate), int(min_checked)
     self.num_parallel_calls, self.prefetch = max(1, int(num_parallel_calls)), max(1, int(prefetch))
     self.shard_len = len(range(process_index, len(self.entries), process_count))
@@ -242,8 +246,9 @@ class PairPipeline:
       chosen, rejected = pair_to_scoring(pair)
       if pair.get("videos"):
         chosen["videos"] = rejected["videos"] = pair["videos"]
-      examples = (self.encode_fn(chosen, entry.image_root, max_len, entry.where),
-                  self.encode_fn(rejected, entry.image_root, max_len, entry.where))
+      first = self.encode_fn(chosen, entry.image_root, max_len, entry.where)
+      reuse = {"vision": first} if self.share_vision else {}
+      examples = (first, self.encode_fn(rejected, entry.image_root, max_len, entry.where, **reuse))
     except BAD_INPUT_ERRORS as e:
       msg = str(e) if isinstance(e, UserError) else f"{entry.where}: {type(e).__name__}: {e}"
       self._skip(int(index), msg)
@@ -266,9 +271,12 @@ class PairPipeline:
   def _collate_items(self, items):
     examples = [it[1][0] for it in items] + [it[1][1] for it in items]
     seq_len = _pick(self.seq_lens, max(self.length_fn(e) for e in examples), "tokens")
-    need = sum(int(self.patches_fn(e)) for e in examples)
+    b = len(items)
+    kw = {"share": [None] * b + list(range(b))} if self.share_vision else {}
+    with_vision = examples[:b] if self.share_vision else examples
+    need = sum(int(self.patches_fn(e)) for e in with_vision)
     budget = pick_patch_budget(need, self.patch_budgets)
-    batch = dict(self.collate_fn(examples, seq_len, budget))
+    batch = dict(self.collate_fn(examples, seq_len, budget, **kw))
     batch["strength"] = np.asarray([it[2] for it in items], np.float32)
     return items[-1][0], batch
 
@@ -330,5 +338,6 @@ class PairPipeline:
 def from_processor(entries: Sequence[Entry], processor, **kwargs) -> PairPipeline:
   """A PairPipeline using the model's `mrm_jax.models.processor.Processor` for encode/collate."""
   return PairPipeline(entries, encode_fn=processor.encode, collate_fn=processor.collate,
-                      length_fn=lambda e: e.length, patches_fn=lambda e: e.num_patches, **kwargs)
+                      length_fn=lambda e: e.length, patches_fn=lambda e: e.num_patches,
+                      **dict({"share_vision": True}, **kwargs))
 

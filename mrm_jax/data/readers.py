@@ -24,8 +24,9 @@ import hashlib
 import itertools
 import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -37,13 +38,13 @@ Where = str
 
 # Magic numbers → file extension for embedded image bytes.
 _MAGIC = (
-    (b"\xff\xd8\xff", ".jpg"),
-    (b"\x89PNG\r\n\x1a\n", ".png"),
-    (b"GIF87a", ".gif"),
-    (b"GIF89a", ".gif"),
-    (b"BM", ".bmp"),
-    (b"II*\x00", ".tif"),
-    (b"MM\x00*", ".tif"),
+  (b"\xff\xd8\xff", ".jpg"),
+  (b"\x89PNG\r\n\x1a\n", ".png"),
+  (b"GIF87a", ".gif"),
+  (b"GIF89a", ".gif"),
+  (b"BM", ".bmp"),
+  (b"II*\x00", ".tif"),
+  (b"MM\x00*", ".tif"),
 )
 
 
@@ -123,7 +124,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[Where, dict]]:
       yield at(path, row), rec
 
 
-def iter_rows(path: str | os.PathLike, exts=(".parquet", ".jsonl", ".json")) -> Iterator[tuple[Where, dict]]:
+def iter_rows(
+  path: str | os.PathLike, exts=(".parquet", ".jsonl", ".json")
+) -> Iterator[tuple[Where, dict]]:
   """(where, raw row) from parquet, JSON Lines or JSON-list files (or a folder of them)."""
   for f in _files(path, exts):
     if f.suffix == ".parquet":
@@ -142,9 +145,14 @@ def _get(rec: dict, keys: str | tuple[str, ...], where: Where, types=str) -> Any
   for k in keys:
     if rec.get(k) is not None:
       if not isinstance(rec[k], types) or isinstance(rec[k], bool):
-        raise UserError(f"{where}: field '{k}' should be {describe_types(types)}, got {json_type(rec[k])}")
+        raise UserError(
+          f"{where}: field '{k}' should be {describe_types(types)}, got {json_type(rec[k])}"
+        )
       return rec[k]
-  raise UserError(f"{where}: missing field '{keys[0]}'" + (f" (or {', '.join(keys[1:])})" if len(keys) > 1 else ""))
+  raise UserError(
+    f"{where}: missing field '{keys[0]}'"
+    + (f" (or {', '.join(keys[1:])})" if len(keys) > 1 else "")
+  )
 
 
 def _image(value: Any, store: ImageStore | None, where: Where) -> str:
@@ -163,7 +171,9 @@ def _image(value: Any, store: ImageStore | None, where: Where) -> str:
   raise UserError(f"{where}: image field holds neither a path nor image bytes")
 
 
-def _images(rec: dict, store: ImageStore | None, where: Where, keys=("image", "image_path", "images")) -> list[str]:
+def _images(
+  rec: dict, store: ImageStore | None, where: Where, keys=("image", "image_path", "images")
+) -> list[str]:
   for k in keys:
     v = rec.get(k)
     if v is None:
@@ -178,11 +188,19 @@ def _pair(pid, images, question, chosen, rejected, source, where, **extra) -> di
   for name, v in (("question", question), ("chosen", chosen), ("rejected", rejected)):
     if not isinstance(v, str):
       raise UserError(f"{where}: field '{name}' should be str")
-  pair = {"id": str(pid), "images": images, "question": question, "chosen": chosen,
-          "rejected": rejected, "source": source}
+  pair = {
+    "id": str(pid),
+    "images": images,
+    "question": question,
+    "chosen": chosen,
+    "rejected": rejected,
+    "source": source,
+  }
   for k, v in extra.items():
     if v is not None and v != {}:
-      bad = non_finite_path({k: v})  # a parquet NaN would make the output unwritable (NaN is not JSON)
+      bad = non_finite_path(
+        {k: v}
+      )  # a parquet NaN would make the output unwritable (NaN is not JSON)
       if bad is not None:
         raise UserError(f"{where}: field '{bad}' is NaN or infinite")
       pair[k] = v
@@ -193,7 +211,9 @@ def _row_id(rec: dict, where: Where, keys=("id", "idx", "ID")) -> str:
   for k in keys:
     if rec.get(k) is not None:
       if isinstance(rec[k], bool) or not isinstance(rec[k], (str, int)):
-        raise UserError(f"{where}: field '{k}' should be a string or an integer, got {json_type(rec[k])}")
+        raise UserError(
+          f"{where}: field '{k}' should be a string or an integer, got {json_type(rec[k])}"
+        )
       return str(rec[k])
   return where.rsplit("/", 1)[-1]  # file:line is unique and stable
 
@@ -220,9 +240,22 @@ def read_rlaif_v(path, images: ImageStore | None = None) -> Iterator[tuple[Where
   """
   for where, rec in iter_rows(path):
     imgs = _images(rec, images, where, keys=("image", "image_path"))
-    meta = {k: rec[k] for k in ("ds_name", "origin_dataset", "origin_split") if rec.get(k) is not None}
-    yield where, _pair(_row_id(rec, where), imgs, _get(rec, "question", where), _get(rec, "chosen", where),
-                       _get(rec, "rejected", where), "rlaif_v", where, meta=meta)
+    meta = {
+      k: rec[k] for k in ("ds_name", "origin_dataset", "origin_split") if rec.get(k) is not None
+    }
+    yield (
+      where,
+      _pair(
+        _row_id(rec, where),
+        imgs,
+        _get(rec, "question", where),
+        _get(rec, "chosen", where),
+        _get(rec, "rejected", where),
+        "rlaif_v",
+        where,
+        meta=meta,
+      ),
+    )
 
 
 def _rating(value, where: Where) -> float | None:
@@ -247,7 +280,10 @@ def _vlf_completions(rec: dict, where: Where) -> list[tuple[str, str, float | No
   if isinstance(comps, dict):
     keys = list(comps)
     n = len(comps.get("response") or [])
-    comps = [{k: comps[k][i] for k in keys if isinstance(comps[k], list) and i < len(comps[k])} for i in range(n)]
+    comps = [
+      {k: comps[k][i] for k in keys if isinstance(comps[k], list) and i < len(comps[k])}
+      for i in range(n)
+    ]
   if not isinstance(comps, list) or not comps:
     raise UserError(f"{where}: missing field 'completions'")
   out = []
@@ -258,14 +294,20 @@ def _vlf_completions(rec: dict, where: Where) -> list[tuple[str, str, float | No
     if isinstance(ann, list):  # some exports wrap the aspect dict in a one-element list
       ann = ann[0] if ann and isinstance(ann[0], dict) else {}
     if not isinstance(ann, dict):
-      raise UserError(f"{where}: a completion's 'annotations' should be an object, got {json_type(ann)}")
+      raise UserError(
+        f"{where}: a completion's 'annotations' should be an object, got {json_type(ann)}"
+      )
     ratings = [_rating(v.get("Rating") if isinstance(v, dict) else v, where) for v in ann.values()]
     ratings = [r for r in ratings if r is not None]
-    out.append((str(c.get("model", "")), c["response"], sum(ratings) / len(ratings) if ratings else None))
+    out.append(
+      (str(c.get("model", "")), c["response"], sum(ratings) / len(ratings) if ratings else None)
+    )
   return out
 
 
-def read_vlfeedback(path, images: ImageStore | None = None, min_gap: float = 1e-9) -> Iterator[tuple[Where, dict]]:
+def read_vlfeedback(
+  path, images: ImageStore | None = None, min_gap: float = 1e-9
+) -> Iterator[tuple[Where, dict]]:
   """VLFeedback (MMInstruction/VLFeedback): `id, prompt (or instruction), image, models,
   completions` with per-aspect GPT-4V ratings (Helpfulness, Visual Faithfulness, Ethical
   Considerations; "N/A" ignored).
@@ -285,8 +327,20 @@ def read_vlfeedback(path, images: ImageStore | None = None, min_gap: float = 1e-
       if si is None or sj is None or ri == rj or abs(si - sj) <= min_gap:
         continue
       (cm, c, cs), (rm, r, rs) = (comps[i], comps[j]) if si > sj else (comps[j], comps[i])
-      yield where, _pair(f"{pid}:{i}-{j}", list(imgs), question, c, r, "vlfeedback", where,
-                         strength=float(cs - rs), meta={"models": [cm, rm], "scores": [cs, rs]})
+      yield (
+        where,
+        _pair(
+          f"{pid}:{i}-{j}",
+          list(imgs),
+          question,
+          c,
+          r,
+          "vlfeedback",
+          where,
+          strength=float(cs - rs),
+          meta={"models": [cm, rm], "scores": [cs, rs]},
+        ),
+      )
 
 
 def _mm_rlhf_media(rec: dict, where: Where) -> dict:
@@ -310,8 +364,16 @@ def read_mm_rlhf(path, images: ImageStore | None = None) -> Iterator[tuple[Where
   for where, rec in iter_rows(path):
     meta = {k: rec[k] for k in ("chosen_reason", "rejected_reason") if rec.get(k) is not None}
     media = _mm_rlhf_media(rec, where)
-    pair = _pair(_row_id(rec, where), media["images"], _get(rec, ("prompt", "question"), where),
-                 _get(rec, "chosen", where), _get(rec, "rejected", where), "mm_rlhf", where, meta=meta)
+    pair = _pair(
+      _row_id(rec, where),
+      media["images"],
+      _get(rec, ("prompt", "question"), where),
+      _get(rec, "chosen", where),
+      _get(rec, "rejected", where),
+      "mm_rlhf",
+      where,
+      meta=meta,
+    )
     if "videos" in media:
       pair["videos"] = media["videos"]
     yield where, pair
@@ -334,17 +396,39 @@ def read_vl_rewardbench(path, images: ImageStore | None = None) -> Iterator[tupl
     rank = _get(rec, "human_ranking", where, list)
     if len(resp) != 2 or not all(isinstance(r, str) for r in resp):
       raise UserError(f"{where}: 'response' must hold two strings")
-    if (len(rank) != len(resp) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rank)
-        or sorted(rank) != list(range(len(resp)))):
-      raise UserError(f"{where}: 'human_ranking' must rank the {len(resp)} responses 0..{len(resp) - 1} "
-                      f"(a permutation), got {rank!r:.60}")
+    if (
+      len(rank) != len(resp)
+      or not all(isinstance(r, int) and not isinstance(r, bool) for r in rank)
+      or sorted(rank) != list(range(len(resp)))
+    ):
+      raise UserError(
+        f"{where}: 'human_ranking' must rank the {len(resp)} responses 0..{len(resp) - 1} "
+        f"(a permutation), got {rank!r:.60}"
+      )
     best = rank.index(0)
-    meta = {k: rec[k] for k in ("models", "query_source", "human_ranking", "ground_truth") if rec.get(k) is not None}
-    yield where, _pair(_get(rec, "id", where), _images(rec, images, where, keys=("image", "image_path")),
-                       _get(rec, "query", where), resp[best], resp[1 - best], "vl_rewardbench", where, meta=meta)
+    meta = {
+      k: rec[k]
+      for k in ("models", "query_source", "human_ranking", "ground_truth")
+      if rec.get(k) is not None
+    }
+    yield (
+      where,
+      _pair(
+        _get(rec, "id", where),
+        _images(rec, images, where, keys=("image", "image_path")),
+        _get(rec, "query", where),
+        resp[best],
+        resp[1 - best],
+        "vl_rewardbench",
+        where,
+        meta=meta,
+      ),
+    )
 
 
-def read_multimodal_rewardbench(path, images: ImageStore | None = None) -> Iterator[tuple[Where, dict]]:
+def read_multimodal_rewardbench(
+  path, images: ImageStore | None = None
+) -> Iterator[tuple[Where, dict]]:
   """Multimodal RewardBench (facebookresearch/multimodal_rewardbench): `ID, Text, Image (a path),
   Output1, Output2, Better ("Output1" | "Output2"), Category, Meta`. chosen = the output
   `Better` names; `Category` and `Meta` are kept in `meta` (the evaluator splits categories)."""
@@ -354,12 +438,24 @@ def read_multimodal_rewardbench(path, images: ImageStore | None = None) -> Itera
       raise UserError(f"{where}: 'Better' must be 'Output1' or 'Output2', got {better!r}")
     worse = "Output2" if better == "Output1" else "Output1"
     meta = {k.lower(): rec[k] for k in ("Category", "Meta", "Better") if rec.get(k) is not None}
-    yield where, _pair(_get(rec, "ID", where, (str, int)), _images(rec, images, where, keys=("Image", "image")),
-                       _get(rec, "Text", where), _get(rec, better, where), _get(rec, worse, where),
-                       "multimodal_rewardbench", where, meta=meta)
+    yield (
+      where,
+      _pair(
+        _get(rec, "ID", where, (str, int)),
+        _images(rec, images, where, keys=("Image", "image")),
+        _get(rec, "Text", where),
+        _get(rec, better, where),
+        _get(rec, worse, where),
+        "multimodal_rewardbench",
+        where,
+        meta=meta,
+      ),
+    )
 
 
-def read_mm_rlhf_rewardbench(path, images: ImageStore | None = None) -> Iterator[tuple[Where, dict]]:
+def read_mm_rlhf_rewardbench(
+  path, images: ImageStore | None = None
+) -> Iterator[tuple[Where, dict]]:
   """MM-RLHF-RewardBench: `id, image | video, prompt, chosen, rejected, chosen_reason,
   rejected_reason`; ids repeat (several pairs per id). Same layout as MM-RLHF pairs."""
   for where, pair in read_mm_rlhf(path, images):
@@ -371,7 +467,13 @@ def read_mm_rlhf_rewardbench(path, images: ImageStore | None = None) -> Iterator
 
 
 def _t2i(pid: str, caption: str, chosen: str, rejected: str, source: str) -> dict:
-  return {"id": pid, "caption": caption, "chosen_image": chosen, "rejected_image": rejected, "source": source}
+  return {
+    "id": pid,
+    "caption": caption,
+    "chosen_image": chosen,
+    "rejected_image": rejected,
+    "source": source,
+  }
 
 
 def read_pickapic(path, images: ImageStore | None = None) -> Iterator[tuple[Where, dict]]:
@@ -385,14 +487,24 @@ def read_pickapic(path, images: ImageStore | None = None) -> Iterator[tuple[Wher
       continue
     l0, l1 = _get(rec, "label_0", where, (int, float)), _get(rec, "label_1", where, (int, float))
     if not (is_finite_number(l0) and is_finite_number(l1)):
-      raise UserError(f"{where}: 'label_0' and 'label_1' should be finite numbers, got {l0!r}, {l1!r}")
+      raise UserError(
+        f"{where}: 'label_0' and 'label_1' should be finite numbers, got {l0!r}, {l1!r}"
+      )
     if l0 == l1:
       continue
     img0 = _image(_get(rec, "jpg_0", where, (bytes, dict)), images, where)
     img1 = _image(_get(rec, "jpg_1", where, (bytes, dict)), images, where)
     chosen, rejected = (img0, img1) if l0 > l1 else (img1, img0)
-    yield where, _t2i(_row_id(rec, where, ("ranking_id", "id")), _get(rec, "caption", where), chosen, rejected,
-                      "pickapic")
+    yield (
+      where,
+      _t2i(
+        _row_id(rec, where, ("ranking_id", "id")),
+        _get(rec, "caption", where),
+        chosen,
+        rejected,
+        "pickapic",
+      ),
+    )
 
 
 def _ranked_pairs(ranks: list, better_is_lower: bool) -> Iterator[tuple[int, int]]:
@@ -449,17 +561,17 @@ def read_imagereward(path, images: ImageStore | None = None) -> Iterator[tuple[W
 
 
 READERS: dict[str, Callable[..., Iterator[tuple[Where, dict]]]] = {
-    "canonical": read_canonical,
-    "llamafactory": read_llamafactory,
-    "rlaif_v": read_rlaif_v,
-    "vlfeedback": read_vlfeedback,
-    "mm_rlhf": read_mm_rlhf,
-    "pickapic": read_pickapic,
-    "hpdv2": read_hpdv2,
-    "imagereward": read_imagereward,
-    "vl_rewardbench": read_vl_rewardbench,
-    "multimodal_rewardbench": read_multimodal_rewardbench,
-    "mm_rlhf_rewardbench": read_mm_rlhf_rewardbench,
+  "canonical": read_canonical,
+  "llamafactory": read_llamafactory,
+  "rlaif_v": read_rlaif_v,
+  "vlfeedback": read_vlfeedback,
+  "mm_rlhf": read_mm_rlhf,
+  "pickapic": read_pickapic,
+  "hpdv2": read_hpdv2,
+  "imagereward": read_imagereward,
+  "vl_rewardbench": read_vl_rewardbench,
+  "multimodal_rewardbench": read_multimodal_rewardbench,
+  "mm_rlhf_rewardbench": read_mm_rlhf_rewardbench,
 }
 T2I_FORMATS = frozenset({"pickapic", "hpdv2", "imagereward"})
 
@@ -473,4 +585,3 @@ def read(path, fmt: str, images: ImageStore | None = None) -> Iterator[tuple[Whe
 
 def read_all(path, fmt: str, images: ImageStore | None = None) -> list[dict]:
   return [r for _, r in read(path, fmt, images)]
-

@@ -40,7 +40,9 @@ from mrm_jax.errors import UserError
 
 @dataclasses.dataclass(eq=False)
 class PairsConfig(tfds.core.BuilderConfig):
-  """fmt: a pair format of readers.READERS; splits: {split: file name in manual_dir} (None = discover)."""
+  """fmt: a pair format of readers.READERS; splits: {split: file name in manual_dir} (None =
+  discover)."""
+
   fmt: str = "canonical"
   splits: dict | None = None
 
@@ -63,25 +65,38 @@ class MrmPairs(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Canonical pairs; images as original encoded bytes plus their names."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Put the pair files (canonical or LLaMA-Factory JSONL/JSON, one split per file) and their images in "
-      "manual_dir; image paths in the records are relative to it. Nothing is downloaded.")
+    "Put the pair files (canonical or LLaMA-Factory JSONL/JSON, one split per file) and their "
+    "images in "
+    "manual_dir; image paths in the records are relative to it. Nothing is downloaded."
+  )
   BUILDER_CONFIGS = [
-      PairsConfig(name="pairs", description="every pair file in manual_dir, one split per file"),
-      PairsConfig(name="demo_world", description="the embedded demo world (mrm_jax.demo)",
-                  splits={"train": "noisy_pairs.jsonl", "test": "heldout_pairs.jsonl"}),
+    PairsConfig(name="pairs", description="every pair file in manual_dir, one split per file"),
+    PairsConfig(
+      name="demo_world",
+      description="the embedded demo world (mrm_jax.demo)",
+      splits={"train": "noisy_pairs.jsonl", "test": "heldout_pairs.jsonl"},
+    ),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "id": text, "question": text, "chosen": text, "rejected": text, "system": text, "source": text,
-            "strength": tfds.features.Scalar(np.float32),
-            "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-            "image_names": tfds.features.Sequence(text),
-            "meta": text,  # JSON
-        }),
-        description="Multimodal preference pairs for reward-model training (DESIGN §3.2).")
+      features=tfds.features.FeaturesDict(
+        {
+          "id": text,
+          "question": text,
+          "chosen": text,
+          "rejected": text,
+          "system": text,
+          "source": text,
+          "strength": tfds.features.Scalar(np.float32),
+          "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+          "image_names": tfds.features.Sequence(text),
+          "meta": text,  # JSON
+        }
+      ),
+      description="Multimodal preference pairs for reward-model training (DESIGN §3.2).",
+    )
 
   def _split_generators(self, dl_manager):
     try:
@@ -94,8 +109,12 @@ class MrmPairs(tfds.core.GeneratorBasedBuilder):
         if not f.is_file():
           raise UserError(f"{f}: no such file (config '{self.builder_config.name}')")
     else:
-      files = {f.stem.replace("-", "_"): f for f in sorted(manual.iterdir())
-               if f.suffix in (".jsonl", ".json") and (self.builder_config.fmt != "canonical" or _is_pair_file(f))}
+      files = {
+        f.stem.replace("-", "_"): f
+        for f in sorted(manual.iterdir())
+        if f.suffix in (".jsonl", ".json")
+        and (self.builder_config.fmt != "canonical" or _is_pair_file(f))
+      }
       if not files:
         raise UserError(f"{manual}: no pair files found")
     return {split: self._generate_examples(f, manual) for split, f in files.items()}
@@ -105,22 +124,39 @@ class MrmPairs(tfds.core.GeneratorBasedBuilder):
       store = readers.ImageStore(scratch, relative_to=scratch)
       for where, pair in readers.read(path, self.builder_config.fmt, store):
         # extracted (embedded) images live in scratch, path images under manual_dir
-        images = [resolve_image(p, scratch if (Path(scratch) / p).is_file() else root, where).read_bytes()
-                  for p in pair["images"]]
-        yield where, {
-            "id": pair.get("id", ""), "question": pair["question"], "chosen": pair["chosen"],
-            "rejected": pair["rejected"], "system": pair.get("system") or "", "source": pair.get("source") or "",
-            "strength": np.float32(pair.get("strength") or 0.0), "images": images,
+        images = [
+          resolve_image(p, scratch if (Path(scratch) / p).is_file() else root, where).read_bytes()
+          for p in pair["images"]
+        ]
+        yield (
+          where,
+          {
+            "id": pair.get("id", ""),
+            "question": pair["question"],
+            "chosen": pair["chosen"],
+            "rejected": pair["rejected"],
+            "system": pair.get("system") or "",
+            "source": pair.get("source") or "",
+            "strength": np.float32(pair.get("strength") or 0.0),
+            "images": images,
             "image_names": list(pair["images"]),
             "meta": json.dumps(pair.get("meta") or {}, ensure_ascii=False, sort_keys=True),
-        }
+          },
+        )
 
 
 def example_to_pair(ex: dict) -> dict:
-  """A TFDS example (numpy, from `tfds.as_numpy`) → canonical pair with `images` = the stored names."""
+  """A TFDS example (numpy, from `tfds.as_numpy`) → canonical pair with `images` = the stored
+  names."""
   dec = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
-  pair = {"id": dec(ex["id"]), "images": [dec(n) for n in ex["image_names"]], "question": dec(ex["question"]),
-          "chosen": dec(ex["chosen"]), "rejected": dec(ex["rejected"]), "strength": float(ex["strength"])}
+  pair = {
+    "id": dec(ex["id"]),
+    "images": [dec(n) for n in ex["image_names"]],
+    "question": dec(ex["question"]),
+    "chosen": dec(ex["chosen"]),
+    "rejected": dec(ex["rejected"]),
+    "strength": float(ex["strength"]),
+  }
   for key in ("system", "source"):
     if dec(ex[key]):
       pair[key] = dec(ex[key])
@@ -142,7 +178,9 @@ def entries_from_tfds(name: str, split: str, data_dir: str | None, cache_dir: st
     pair = example_to_pair(ex)
     try:
       pair["images"] = [store.put(bytes(b), where) for b in ex["images"]]
-    except UserError as e:  # unknown image bytes: skipped and counted by the pipeline like any bad record
+    except (
+      UserError
+    ) as e:  # unknown image bytes: skipped and counted by the pipeline like any bad record
       entries.append(Entry(where, None, str(cache_dir), str(e).split(": ", 1)[-1]))
       continue
     entries.append(Entry(where, pair, str(cache_dir)))

@@ -34,6 +34,7 @@ class BenchItem:
   item has `video` (a folder of frames relative to the image root) and no images.
   `where` is the record's `file:line`, for error messages.
   """
+
   id: str
   category: str
   pair: dict
@@ -87,8 +88,13 @@ def _mm_rlhf_item(where: str, pair: dict) -> BenchItem:
   category = Path(path).parts[0] if path else ""  # first folder: mcq, long, short, safety, video
   if not category:
     raise UserError(f"{where}: empty image/video path")
-  return BenchItem(pair["id"], category, {**pair, "system": records.REWARD_SYSTEM_PROMPT}, where,
-                   video=videos[0] if videos else None)
+  return BenchItem(
+    pair["id"],
+    category,
+    {**pair, "system": records.REWARD_SYSTEM_PROMPT},
+    where,
+    video=videos[0] if videos else None,
+  )
 
 
 def load(name: str, path: str | os.PathLike, images=None) -> list[BenchItem]:
@@ -99,14 +105,23 @@ def load(name: str, path: str | os.PathLike, images=None) -> list[BenchItem]:
 
   check_name(name)
   if name == "pairs":
-    return [BenchItem(pair.get("id", ""), "all", pair, where) for where, pair in readers.read(path, "canonical")]
+    return [
+      BenchItem(pair.get("id", ""), "all", pair, where)
+      for where, pair in readers.read(path, "canonical")
+    ]
   items = []
   for where, pair in readers.read(path, name, images):
     if name == "mm_rlhf_rewardbench":
       items.append(_mm_rlhf_item(where, pair))
       continue
-    category = (vl_rewardbench_category(pair["id"]) if name == "vl_rewardbench" else _mmrb_category(pair, where))
-    items.append(BenchItem(pair["id"], category, {**pair, "system": records.REWARD_SYSTEM_PROMPT}, where))
+    category = (
+      vl_rewardbench_category(pair["id"])
+      if name == "vl_rewardbench"
+      else _mmrb_category(pair, where)
+    )
+    items.append(
+      BenchItem(pair["id"], category, {**pair, "system": records.REWARD_SYSTEM_PROMPT}, where)
+    )
   return items
 
 
@@ -116,8 +131,10 @@ def _natural_key(name: str):
 
 def list_frames(folder: Path) -> list[Path]:
   """A video's frames: the image files of its folder, in natural order (frame_2 before frame_10)."""
-  return sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS and p.is_file()),
-                key=lambda p: _natural_key(p.name))
+  return sorted(
+    (p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS and p.is_file()),
+    key=lambda p: _natural_key(p.name),
+  )
 
 
 def missing_media(item: BenchItem, image_root: str | os.PathLike) -> list[str]:
@@ -127,7 +144,9 @@ def missing_media(item: BenchItem, image_root: str | os.PathLike) -> list[str]:
     folder = records.resolve_image(item.video, image_root, item.where)
     ok = folder.is_dir() and bool(list_frames(folder))
     return [] if ok else [item.video]
-  return [p for p in item.pair["images"] if not records.resolve_image(p, image_root, item.where).is_file()]
+  return [
+    p for p in item.pair["images"] if not records.resolve_image(p, image_root, item.where).is_file()
+  ]
 
 
 def scoring_records(item: BenchItem, image_root: str | os.PathLike) -> tuple[dict, dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mrm_jax.data import records
 from mrm_jax.errors import UserError, at
@@ -30,7 +30,11 @@ def read_candidates(path: str | os.PathLike) -> list[tuple[str, dict]]:
   for n, rec in iter_jsonl(path):
     where = at(path, n)
     responses = rec.get("responses")
-    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+    if (
+      not isinstance(responses, list)
+      or not responses
+      or not all(isinstance(r, str) for r in responses)
+    ):
       raise UserError(f"{where}: 'responses' should be a non-empty list of strings")
     if not isinstance(rec.get("question"), str):
       raise UserError(f"{where}: missing field 'question'")
@@ -43,8 +47,11 @@ def read_candidates(path: str | os.PathLike) -> list[tuple[str, dict]]:
 def candidate_records(cand: dict) -> list[dict]:
   """One scoring record per response. The reward-model system prompt is used unless the record
   brings its own `system`."""
-  base = {"images": cand["images"], "question": cand["question"],
-          "system": cand.get("system") or records.REWARD_SYSTEM_PROMPT}
+  base = {
+    "images": cand["images"],
+    "question": cand["question"],
+    "system": cand.get("system") or records.REWARD_SYSTEM_PROMPT,
+  }
   cid = cand.get("id", "")
   return [{"id": f"{cid}:{k}", **base, "answer": r} for k, r in enumerate(cand["responses"])]
 
@@ -58,7 +65,7 @@ def select(cands: Sequence[dict], score_fn: Callable[[list[dict]], Sequence[floa
     raise RuntimeError(f"scorer returned {len(scores)} scores for {len(recs)} records")
   out, pos = [], 0
   for c in cands:
-    s = scores[pos:pos + len(c["responses"])]
+    s = scores[pos : pos + len(c["responses"])]
     pos += len(s)
     best = max(range(len(s)), key=lambda k: (s[k], -k))  # the first of equal maxima
     out.append({**c, "scores": s, "best": best, "best_response": c["responses"][best]})
@@ -66,9 +73,15 @@ def select(cands: Sequence[dict], score_fn: Callable[[list[dict]], Sequence[floa
 
 
 def check_images(cands: Sequence[tuple[str, dict]], image_root) -> None:
-  missing = [f"{where}: {p}" for where, c in cands for p in c["images"]
-             if not records.resolve_image(p, image_root, where).is_file()]
+  missing = [
+    f"{where}: {p}"
+    for where, c in cands
+    for p in c["images"]
+    if not records.resolve_image(p, image_root, where).is_file()
+  ]
   if missing:
     named = "; ".join(missing[:MAX_NAMED_MISSING])
-    more = f" (and {len(missing) - MAX_NAMED_MISSING} more)" if len(missing) > MAX_NAMED_MISSING else ""
+    more = (
+      f" (and {len(missing) - MAX_NAMED_MISSING} more)" if len(missing) > MAX_NAMED_MISSING else ""
+    )
     raise UserError(f"{len(missing)} image files missing under {image_root}: {named}{more}")

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from mrm_jax.data.records import is_finite_number, record_id
 from mrm_jax.errors import UserError, at
-from mrm_jax.evaluate.benchmarks import MM_RLHF_CATEGORIES, VL_REWARDBENCH_CATEGORIES, BenchItem, check_name
+from mrm_jax.evaluate.benchmarks import (
+  MM_RLHF_CATEGORIES,
+  VL_REWARDBENCH_CATEGORIES,
+  BenchItem,
+  check_name,
+)
 from mrm_jax.io import iter_jsonl
 
 
@@ -37,8 +42,12 @@ def vl_rewardbench(items: Sequence[BenchItem], right: Sequence[bool]) -> dict:
     n[item.category] += 1
     k[item.category] += ok
   per = {c: _fraction(k[c], n[c]) for c in VL_REWARDBENCH_CATEGORIES}
-  return {"n": len(items), "overall": _fraction(sum(right), len(items)),
-          "macro": _mean(list(per.values())), **per}
+  return {
+    "n": len(items),
+    "overall": _fraction(sum(right), len(items)),
+    "macro": _mean(list(per.values())),
+    **per,
+  }
 
 
 def multimodal_rewardbench(items: Sequence[BenchItem], right: Sequence[bool]) -> dict:
@@ -49,9 +58,12 @@ def multimodal_rewardbench(items: Sequence[BenchItem], right: Sequence[bool]) ->
     n[item.category] += 1
     k[item.category] += ok
   no_safety = [(i, ok) for i, ok in zip(items, right) if not i.category.startswith("safety")]
-  return {"n": len(items), "overall": _fraction(sum(right), len(items)),
-          "overall_without_safety": _fraction(sum(ok for _, ok in no_safety), len(no_safety)),
-          "categories": {c: {"n": n[c], "accuracy": _fraction(k[c], n[c])} for c in sorted(n)}}
+  return {
+    "n": len(items),
+    "overall": _fraction(sum(right), len(items)),
+    "overall_without_safety": _fraction(sum(ok for _, ok in no_safety), len(no_safety)),
+    "categories": {c: {"n": n[c], "accuracy": _fraction(k[c], n[c])} for c in sorted(n)},
+  }
 
 
 def mm_rlhf_rewardbench(items: Sequence[BenchItem], right: Sequence[bool]) -> dict:
@@ -68,18 +80,29 @@ def mm_rlhf_rewardbench(items: Sequence[BenchItem], right: Sequence[bool]) -> di
   for c in categories:
     flags = [ok for i, ok in zip(items, right) if i.category == c]
     ids = [g for (cat, _), g in groups.items() if cat == c]
-    per[c] = {"n": len(flags), "acc": _fraction(sum(flags), len(flags)),
-              "acc_plus": _fraction(sum(all(g) for g in ids), len(ids))}
-  return {"n": len(items), "acc": _fraction(sum(right), len(items)),
-          "acc_plus": _fraction(sum(all(g) for g in by_id.values()), len(by_id)), "categories": per}
+    per[c] = {
+      "n": len(flags),
+      "acc": _fraction(sum(flags), len(flags)),
+      "acc_plus": _fraction(sum(all(g) for g in ids), len(ids)),
+    }
+  return {
+    "n": len(items),
+    "acc": _fraction(sum(right), len(items)),
+    "acc_plus": _fraction(sum(all(g) for g in by_id.values()), len(by_id)),
+    "categories": per,
+  }
 
 
 def pairs(items: Sequence[BenchItem], right: Sequence[bool]) -> dict:
   return {"n": len(items), "accuracy": _fraction(sum(right), len(items))}
 
 
-REPORTS = {"vl_rewardbench": vl_rewardbench, "multimodal_rewardbench": multimodal_rewardbench,
-           "mm_rlhf_rewardbench": mm_rlhf_rewardbench, "pairs": pairs}
+REPORTS = {
+  "vl_rewardbench": vl_rewardbench,
+  "multimodal_rewardbench": multimodal_rewardbench,
+  "mm_rlhf_rewardbench": mm_rlhf_rewardbench,
+  "pairs": pairs,
+}
 
 
 def report(name: str, items: Sequence[BenchItem], scores: Sequence[tuple[float, float]]) -> dict:
@@ -96,7 +119,9 @@ def _number(value, key: str, where: str) -> float:
   return float(value)
 
 
-def read_scores(path: str | os.PathLike, items: Sequence[BenchItem], data_path: str | os.PathLike) -> list[tuple[float, float]]:
+def read_scores(
+  path: str | os.PathLike, items: Sequence[BenchItem], data_path: str | os.PathLike
+) -> list[tuple[float, float]]:
   """A benchmark score file: one `{"chosen": float, "rejected": float}` line per benchmark record,
   same order; an `id`, when present, must match the record's."""
   scores = []
@@ -108,9 +133,13 @@ def read_scores(path: str | os.PathLike, items: Sequence[BenchItem], data_path: 
     if "chosen" not in record or "rejected" not in record:
       raise UserError(f"{where}: a score line needs 'chosen' and 'rejected' numbers")
     if record.get("id") is not None and record_id(record, where) != item.id:
-      raise UserError(f"{where}: id '{record['id']}' does not match record {len(scores) + 1} "
-                      f"('{item.id}' at {item.where})")
-    scores.append((_number(record["chosen"], "chosen", where), _number(record["rejected"], "rejected", where)))
+      raise UserError(
+        f"{where}: id '{record['id']}' does not match record {len(scores) + 1} "
+        f"('{item.id}' at {item.where})"
+      )
+    scores.append(
+      (_number(record["chosen"], "chosen", where), _number(record["rejected"], "rejected", where))
+    )
   if len(scores) != len(items):
     raise UserError(f"{path}: {len(scores)} score lines but {data_path} has {len(items)} records")
   return scores
@@ -132,12 +161,16 @@ def format_table(name: str, rep: dict) -> str:
       lines.append(f"  {c:<36} {v['n']:>6} {_pct(v['accuracy']):>7}")
     lines.append(f"  {'overall':<36} {rep['n']:>6} {_pct(rep['overall']):>7}")
     n_ns = sum(v["n"] for c, v in rep["categories"].items() if not c.startswith("safety"))
-    lines.append(f"  {'overall without safety':<36} {n_ns:>6} {_pct(rep['overall_without_safety']):>7}")
+    lines.append(
+      f"  {'overall without safety':<36} {n_ns:>6} {_pct(rep['overall_without_safety']):>7}"
+    )
   elif name == "mm_rlhf_rewardbench":
     lines.append(f"  {'category':<12} {'n':>6} {'acc%':>7} {'acc+%':>7}")
     for c, v in rep["categories"].items():
       lines.append(f"  {c:<12} {v['n']:>6} {_pct(v['acc']):>7} {_pct(v['acc_plus']):>7}")
-    lines.append(f"  {'overall':<12} {rep['n']:>6} {_pct(rep['acc']):>7} {_pct(rep['acc_plus']):>7}")
+    lines.append(
+      f"  {'overall':<12} {rep['n']:>6} {_pct(rep['acc']):>7} {_pct(rep['acc_plus']):>7}"
+    )
   else:
     lines.append(f"  {'accuracy':<24} {_pct(rep['accuracy'])}")
   if rep.get("skipped"):
@@ -145,4 +178,3 @@ def format_table(name: str, rep: dict) -> str:
     per = ", ".join(f"{c} {k}" for c, k in skipped["categories"].items())
     lines.append(f"  skipped (missing images): {skipped['n']} items ({per})")
   return "\n".join(lines)
-

@@ -26,9 +26,16 @@ def split_missing(items: list[benchmarks.BenchItem], image_root, skip_missing: b
       present.append(item)
   if skipped and not skip_missing:
     named = "; ".join(missing_files[:MAX_NAMED_MISSING])
-    more = f" (and {len(missing_files) - MAX_NAMED_MISSING} more)" if len(missing_files) > MAX_NAMED_MISSING else ""
-    raise UserError(f"{len(missing_files)} image files missing under {image_root} in {len(skipped)} of {len(items)} "
-                    f"items: {named}{more}; use --skip-missing to evaluate the rest")
+    more = (
+      f" (and {len(missing_files) - MAX_NAMED_MISSING} more)"
+      if len(missing_files) > MAX_NAMED_MISSING
+      else ""
+    )
+    raise UserError(
+      f"{len(missing_files)} image files missing under {image_root} in {len(skipped)} of "
+      f"{len(items)} "
+      f"items: {named}{more}; use --skip-missing to evaluate the rest"
+    )
   return present, skipped
 
 
@@ -43,22 +50,42 @@ def score_items(items, image_root, model, processor, batch_size: int) -> list[tu
   for item in items:
     recs.extend(benchmarks.scoring_records(item, image_root))
   sides = ("chosen", "rejected")
-  scores = [float(s) for s in score_records(model, processor, recs, image_root, batch_size,
-                                            where=lambda i: f"{items[i // 2].where} ({sides[i % 2]})")]
+  scores = [
+    float(s)
+    for s in score_records(
+      model,
+      processor,
+      recs,
+      image_root,
+      batch_size,
+      where=lambda i: f"{items[i // 2].where} ({sides[i % 2]})",
+    )
+  ]
   return list(zip(scores[0::2], scores[1::2]))
 
 
-def evaluate_model(name: str, items, model_dir, image_root, batch_size: int = 8, dtype: str = "float32",
-                   skip_missing: bool = False, image_preprocess: str | None = None,
-                   template: str | None = None) -> dict:
+def evaluate_model(
+  name: str,
+  items,
+  model_dir,
+  image_root,
+  batch_size: int = 8,
+  dtype: str = "float32",
+  skip_missing: bool = False,
+  image_preprocess: str | None = None,
+  template: str | None = None,
+) -> dict:
   """Scores a benchmark's items with a reward model and returns the report (with a `skipped`
   entry when items without images were left out)."""
   present, skipped = split_missing(items, image_root, skip_missing)
   if not present:
     raise UserError(f"no item of the benchmark has its images under {image_root}")
-  model, processor = load_model(model_dir, dtype=dtype, image_preprocess=image_preprocess,
-                                template=template)
-  rep = metrics.report(name, present, score_items(present, image_root, model, processor, batch_size))
+  model, processor = load_model(
+    model_dir, dtype=dtype, image_preprocess=image_preprocess, template=template
+  )
+  rep = metrics.report(
+    name, present, score_items(present, image_root, model, processor, batch_size)
+  )
   if skipped:
     rep["skipped"] = skipped_summary(skipped)
   return rep

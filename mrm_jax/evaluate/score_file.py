@@ -26,8 +26,21 @@ from jax.experimental import multihost_utils
 
 from mrm_jax import faults
 from mrm_jax.errors import UserError
-from mrm_jax.evaluate.scoring import iter_score_chunks, read_scoring_file, scoring_key, scoring_mesh, step_rows
-from mrm_jax.io import AppendLog, atomic_open, check_distinct_paths, dumps, read_append_log, write_jsonl
+from mrm_jax.evaluate.scoring import (
+  iter_score_chunks,
+  read_scoring_file,
+  scoring_key,
+  scoring_mesh,
+  step_rows,
+)
+from mrm_jax.io import (
+  AppendLog,
+  atomic_open,
+  check_distinct_paths,
+  dumps,
+  read_append_log,
+  write_jsonl,
+)
 from mrm_jax.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -42,7 +55,9 @@ def _model_fingerprint(path: Path) -> list:
   does not reuse the scores of the old one."""
   if not path.is_dir():
     return []
-  return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()]
+  return [
+    [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()
+  ]
 
 
 def _digest(keys) -> str:
@@ -58,8 +73,12 @@ def _valid_prefix(entries: list[dict], settings: dict, keys: list[str]) -> list[
   for e in entries[1:]:
     try:
       start, scores = int(e["start"]), [float(s) for s in e["scores"]]
-      ok = start == pos and 0 < len(scores) and pos + len(scores) <= len(keys) and \
-          e["digest"] == _digest(keys[pos:pos + len(scores)])
+      ok = (
+        start == pos
+        and 0 < len(scores)
+        and pos + len(scores) <= len(keys)
+        and e["digest"] == _digest(keys[pos : pos + len(scores)])
+      )
     except (KeyError, TypeError, ValueError):
       ok = False
     if not ok:
@@ -81,8 +100,13 @@ def _open_progress(path: Path, settings: dict, keys: list[str], resume: bool, pr
       if len(good) + 1 != len(progress.records):
         progress.close()
         progress = None
-        log.warning("%s: %s", path, f"only the first {len(good)} chunks match this run; rescoring the rest" if good
-                    else "written for other settings or records; starting over")
+        log.warning(
+          "%s: %s",
+          path,
+          f"only the first {len(good)} chunks match this run; rescoring the rest"
+          if good
+          else "written for other settings or records; starting over",
+        )
       elif good:
         log.info("%s: resuming after %d records", path, sum(len(e["scores"]) for e in good))
     if progress is None:
@@ -96,15 +120,28 @@ def _open_progress(path: Path, settings: dict, keys: list[str], resume: bool, pr
     done = sum(len(e["scores"]) for e in good)
     seen = multihost_utils.process_allgather(np.asarray([done], np.int64)).ravel()
     if len(set(seen.tolist())) != 1:
-      raise UserError(f"{path}: processes see different progress ({seen.tolist()}); the output folder must be "
-                      f"on a filesystem all processes share")
+      raise UserError(
+        f"{path}: processes see different progress ({seen.tolist()}); the output folder must be "
+        f"on a filesystem all processes share"
+      )
   return good, progress
 
 
-def score_file(input_path, output, model_path, *, image_root=None, batch_size: int = 8,
-               dtype: str = "float32", max_len: int = 4096, max_pixels: int | None = None,
-               chunk_size: int | None = None, resume: bool = True,
-               image_preprocess: str | None = None, template: str | None = None) -> int:
+def score_file(
+  input_path,
+  output,
+  model_path,
+  *,
+  image_root=None,
+  batch_size: int = 8,
+  dtype: str = "float32",
+  max_len: int = 4096,
+  max_pixels: int | None = None,
+  chunk_size: int | None = None,
+  resume: bool = True,
+  image_preprocess: str | None = None,
+  template: str | None = None,
+) -> int:
   """Scores every record of `input_path` into `output`; returns how many (0 on processes > 0)."""
   out = Path(output)
   path = out.with_name(out.name + PROGRESS_SUFFIX)
@@ -116,17 +153,28 @@ def score_file(input_path, output, model_path, *, image_root=None, batch_size: i
     raise UserError(f"--image-root {image_root}: no such directory")
   raw, records, lines = read_scoring_file(inp)
   root = Path(image_root) if image_root else inp.parent
-  model, processor = load_model(model_path, dtype=dtype, max_pixels=max_pixels,
-                                image_preprocess=image_preprocess, template=template)
+  model, processor = load_model(
+    model_path,
+    dtype=dtype,
+    max_pixels=max_pixels,
+    image_preprocess=image_preprocess,
+    template=template,
+  )
 
   mesh = scoring_mesh(devices=jax.devices())  # every device of every process
   rows, _ = step_rows(batch_size, mesh)
   chunk = chunk_size or 32 * rows
   keys = [scoring_key(r) for r in records]
-  settings = {"model": str(Path(model_path).resolve()), "files": _model_fingerprint(Path(model_path)),
-              "dtype": dtype, "max_len": max_len, "max_pixels": max_pixels,
-              "image_root": str(root.resolve()), "image_preprocess": processor.image_preprocess,
-              "template": processor.template}
+  settings = {
+    "model": str(Path(model_path).resolve()),
+    "files": _model_fingerprint(Path(model_path)),
+    "dtype": dtype,
+    "max_len": max_len,
+    "max_pixels": max_pixels,
+    "image_root": str(root.resolve()),
+    "image_preprocess": processor.image_preprocess,
+    "template": processor.template,
+  }
   primary = jax.process_index() == 0
   good, progress = _open_progress(path, settings, keys, resume, primary)
   scores: list[float] = [s for e in good for s in e["scores"]]
@@ -134,19 +182,34 @@ def score_file(input_path, output, model_path, *, image_root=None, batch_size: i
   known = dict(zip(keys, scores))
   check_fault = faults.stop_after(FAULT_ENV, "chunks")
   try:
-    for n, (c0, got) in enumerate(iter_score_chunks(model, processor, records, root, batch_size, start=start,
-                                                    known=known, max_len=max_len, chunk=chunk, mesh=mesh,
-                                                    where=lambda i: f"{inp}:{lines[i]}"), 1):
+    for n, (c0, got) in enumerate(
+      iter_score_chunks(
+        model,
+        processor,
+        records,
+        root,
+        batch_size,
+        start=start,
+        known=known,
+        max_len=max_len,
+        chunk=chunk,
+        mesh=mesh,
+        where=lambda i: f"{inp}:{lines[i]}",
+      ),
+      1,
+    ):
       scores.extend(got)
       if progress is not None:
-        progress.append({"start": c0, "digest": _digest(keys[c0:c0 + len(got)]), "scores": got})
+        progress.append({"start": c0, "digest": _digest(keys[c0 : c0 + len(got)]), "scores": got})
       check_fault(n)
     written = 0
     if primary:
       written = write_jsonl(out, ({**r, "score": s} for r, s in zip(raw, scores)))
       print(f"scored {written} records -> {out}")
   except BaseException:
-    if progress is not None and len(progress.records) <= 1:  # nothing scored yet: leave no log behind
+    if (
+      progress is not None and len(progress.records) <= 1
+    ):  # nothing scored yet: leave no log behind
       progress.close()
       path.unlink(missing_ok=True)
     raise

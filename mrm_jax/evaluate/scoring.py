@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from mrm_jax.data.records import normalize_scoring
 from mrm_jax.io import iter_jsonl
+from mrm_jax.models import vision_layout
 from mrm_jax.models.processor import Encoded
 from mrm_jax.train import sharding as shd
 
@@ -167,7 +168,10 @@ class _Runner:
     budget = 0 if most == 0 else _bucket(most, max(patch_bucket, unit) // unit * unit)
     # rows padded to per_shard (empty rows) so every sub-batch has the same static shape
     filler = _empty_like(processor, exs[0])
-    host = {j: processor.collate(subs[j] + [filler] * (per_shard - len(subs[j])), seq_len=seq, patch_budget=budget)
+    # one per-item attention layout shape for every sub-batch (they are stacked)
+    layout = vision_layout.common_sizes(vision_layout.batch_needs(sb) for sb in subs)
+    host = {j: processor.collate(subs[j] + [filler] * (per_shard - len(subs[j])), seq_len=seq,
+                                 patch_budget=budget, layout_sizes=layout)
             for j in self.local}
     names = sorted({k for h in host.values() for k in h})
     batch = {}

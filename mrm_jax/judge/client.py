@@ -39,12 +39,13 @@ import urllib.request
 import httpcore2
 import httpx2
 import openai
+from tqdm import tqdm
 
 from mrm_jax.errors import UserError
+from mrm_jax.io import AppendLog
 from mrm_jax.judge import prompts
 from mrm_jax.judge.jobs import Job, check_done, image_url, missing_jobs
 from mrm_jax.judge.parse import parse_scores
-from mrm_jax.io import AppendLog
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,10 @@ def parse_retry_after(value: str | None) -> float | None:
 class _Attempt(threading.local):
   """The HTTP attempt this thread is making: the SDK calls the transport in the caller's thread,
   and a pooled connection serves one request at a time, so its socket operations read this."""
+
   deadline: float | None = None  # time.monotonic() by which the attempt must end
-  received = 0                   # bytes read in this attempt
-  sent = 0                       # attempts started by the current ChatClient.complete()
+  received = 0  # bytes read in this attempt
+  sent = 0  # attempts started by the current ChatClient.complete()
   stop: threading.Event | None = None
 
 
@@ -135,16 +137,20 @@ class _DeadlineStream(httpcore2.NetworkStream):
 
   def write(self, buffer: bytes, timeout: float | None = None) -> None:
     for start in range(0, len(buffer), WRITE_CHUNK):
-      self._stream.write(buffer[start:start + WRITE_CHUNK],
-                         _time_left(self._state, timeout, httpcore2.WriteTimeout))
+      self._stream.write(
+        buffer[start : start + WRITE_CHUNK],
+        _time_left(self._state, timeout, httpcore2.WriteTimeout),
+      )
 
   def close(self) -> None:
     self._stream.close()
 
-  def start_tls(self, ssl_context, server_hostname: str | None = None,
-                timeout: float | None = None) -> httpcore2.NetworkStream:
-    tls = self._stream.start_tls(ssl_context, server_hostname,
-                                 _time_left(self._state, timeout, httpcore2.ConnectTimeout))
+  def start_tls(
+    self, ssl_context, server_hostname: str | None = None, timeout: float | None = None
+  ) -> httpcore2.NetworkStream:
+    tls = self._stream.start_tls(
+      ssl_context, server_hostname, _time_left(self._state, timeout, httpcore2.ConnectTimeout)
+    )
     return _DeadlineStream(tls, self._state)
 
   def get_extra_info(self, info: str):
@@ -173,8 +179,15 @@ class ChatClient:
   """One `/chat/completions` endpoint. Thread-safe: the SDK client and its connection pool are
   shared; each thread's attempt state is its own."""
 
-  def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-               temperature: float | None = 0.0, max_tokens: int | None = None):
+  def __init__(
+    self,
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    timeout: float = 120.0,
+    temperature: float | None = 0.0,
+    max_tokens: int | None = None,
+  ):
     url = base_url.rstrip("/")
     self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
     self.model = model
@@ -191,11 +204,16 @@ class ChatClient:
     transport = httpx2.HTTPTransport(proxy=_proxy_for(self.url))
     pool = transport._pool  # noqa: SLF001 - httpx2 takes no network backend: set it on its pool
     pool._network_backend = _DeadlineBackend(pool._network_backend, self._state)  # noqa: SLF001
-    http = openai.DefaultHttpxClient(transport=transport,
-                                     event_hooks={"request": [self._start_attempt]})
-    self._sdk = openai.OpenAI(base_url=self.url.removesuffix("/chat/completions"),
-                              api_key=self._key or NO_KEY, max_retries=0, timeout=self.timeout,
-                              http_client=http)
+    http = openai.DefaultHttpxClient(
+      transport=transport, event_hooks={"request": [self._start_attempt]}
+    )
+    self._sdk = openai.OpenAI(
+      base_url=self.url.removesuffix("/chat/completions"),
+      api_key=self._key or NO_KEY,
+      max_retries=0,
+      timeout=self.timeout,
+      http_client=http,
+    )
     self._with_retries: dict[int, openai.OpenAI] = {0: self._sdk}
 
   def redact(self, text: str) -> str:
@@ -215,8 +233,9 @@ class ChatClient:
     state.received = 0
     state.deadline = time.monotonic() + self.timeout
 
-  def complete(self, messages: list[dict], retries: int = 0,
-               stop: threading.Event | None = None) -> str:
+  def complete(
+    self, messages: list[dict], retries: int = 0, stop: threading.Event | None = None
+  ) -> str:
     """The judge's answer; the SDK retries transient failures up to `retries` times, and makes no
     new attempt once `stop` is set."""
     sdk = self._with_retries.get(retries)
@@ -225,8 +244,9 @@ class ChatClient:
     state = self._state
     state.sent, state.stop = 0, stop
     try:
-      response = sdk.chat.completions.with_raw_response.create(model=self.model, messages=messages,
-                                                                **self._options)
+      response = sdk.chat.completions.with_raw_response.create(
+        model=self.model, messages=messages, **self._options
+      )
       payload = response.http_response.content
     except openai.APIStatusError as e:
       raise self._status_error(e.status_code, e.response) from None
@@ -262,8 +282,9 @@ def _content(payload: bytes) -> str:
   try:
     content = json.loads(payload)["choices"][0]["message"]["content"]
     if isinstance(content, list):  # content parts
-      content = "".join(p["text"] for p in content
-                        if isinstance(p, dict) and isinstance(p.get("text"), str))
+      content = "".join(
+        p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+      )
     if not isinstance(content, (str, type(None))):
       raise TypeError(type(content).__name__)
   except (ValueError, KeyError, IndexError, TypeError, RecursionError):
@@ -294,12 +315,18 @@ class RetryPolicy:
   max_backoff: float = 60.0
 
   def delay(self, attempt: int, rng: random.Random) -> float:
-    base = min(self.max_backoff, self.backoff * (2 ** attempt))
+    base = min(self.max_backoff, self.backoff * (2**attempt))
     return base * (1.0 + 0.25 * rng.random())  # jitter spreads concurrent retries
 
 
-def judge_one(client: ChatClient, job: Job, mode: str, policy: RetryPolicy,
-              stop: threading.Event | None = None, creativity: bool = False) -> dict | None:
+def judge_one(
+  client: ChatClient,
+  job: Job,
+  mode: str,
+  policy: RetryPolicy,
+  stop: threading.Event | None = None,
+  creativity: bool = False,
+) -> dict | None:
   """Asks the judge about one job until it answers usably or the retries run out.
 
   Returns the judgment record of DESIGN §3.2 (scores in presentation order; a failed judgment has
@@ -309,8 +336,9 @@ def judge_one(client: ChatClient, job: Job, mode: str, policy: RetryPolicy,
   stop = stop or threading.Event()
   item = job.item
   shown = [item.responses[i] for i in job.order]
-  messages = prompts.build_messages(mode, item.question, shown, [image_url(p) for p in item.images],
-                                    item.reference, creativity)
+  messages = prompts.build_messages(
+    mode, item.question, shown, [image_url(p) for p in item.images], item.reference, creativity
+  )
   rng = random.Random()
   raw, error, reached = "", None, False
   attempts, wait = 0, 0.0
@@ -321,7 +349,10 @@ def judge_one(client: ChatClient, job: Job, mode: str, policy: RetryPolicy,
       error, reached = str(e), False
       wait = e.retry_after
     except PermanentError as e:
-      error, reached = str(e), True  # the server read the request and refused it: asking again is futile
+      error, reached = (
+        str(e),
+        True,
+      )  # the server read the request and refused it: asking again is futile
       attempts += max(1, client.attempts)
       break
     else:
@@ -345,8 +376,15 @@ def judge_one(client: ChatClient, job: Job, mode: str, policy: RetryPolicy,
 
 
 def _record(job: Job, mode: str, raw: str, scores, error, judge: str) -> dict:
-  return {"id": job.item.id, "mode": mode, "order": list(job.order), "raw": raw, "scores": scores,
-          "error": error, "judge": judge}
+  return {
+    "id": job.item.id,
+    "mode": mode,
+    "order": list(job.order),
+    "raw": raw,
+    "scores": scores,
+    "error": error,
+    "judge": judge,
+  }
 
 
 @dataclasses.dataclass
@@ -354,9 +392,11 @@ class RunSummary:
   planned: int
   already_done: int
   ok: int = 0
-  failed: int = 0       # judgments recorded with an error (the judge answered, not usably)
+  failed: int = 0  # judgments recorded with an error (the judge answered, not usably)
   not_reached: int = 0  # jobs that never got an answer: not recorded, asked again by the next run
-  unfinished: int = 0   # jobs left (or cut short) when the run stopped early: nothing had been answered
+  unfinished: int = (
+    0  # jobs left (or cut short) when the run stopped early: nothing had been answered
+  )
   first_error: str | None = None  # of the first job not reached
 
   @property
@@ -365,32 +405,45 @@ class RunSummary:
     return self.not_reached > 0 and self.ok == 0 and self.failed == 0
 
 
-def run_jobs(client: ChatClient, jobs: list[Job], output, mode: str, policy: RetryPolicy,
-             concurrency: int = 8, retry_failed: bool = False, creativity: bool = False,
-             progress: bool = True) -> RunSummary:
+def run_jobs(
+  client: ChatClient,
+  jobs: list[Job],
+  output,
+  mode: str,
+  policy: RetryPolicy,
+  concurrency: int = 8,
+  retry_failed: bool = False,
+  creativity: bool = False,
+  progress: bool = True,
+) -> RunSummary:
   """Runs the jobs not yet in `output`, appending each judgment as soon as it is done.
 
   Jobs the judge never answered are counted in the summary, not written (a rerun asks them again).
   Once max(UNREACHABLE_AFTER, concurrency) of them failed with nothing answered, the rest are not
   started: the summary is then `unreachable`.
   """
-  from tqdm import tqdm
 
   with AppendLog(output) as out:
     check_done(output)
     other_judges = {r.get("judge") for r in out.records} - {client.model, None}
     if other_judges:
-      log.warning("%s already holds judgments by %s; they count as done", output, sorted(other_judges))
+      log.warning(
+        "%s already holds judgments by %s; they count as done", output, sorted(other_judges)
+      )
     todo = missing_jobs(jobs, out.records, mode, retry_failed)
     summary = RunSummary(planned=len(jobs), already_done=len(jobs) - len(todo))
     if not todo:
       return summary
     give_up_after = max(UNREACHABLE_AFTER, concurrency)
     stop = threading.Event()
-    bar = tqdm(total=len(todo), desc=f"judge {mode}", unit="job", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+      total=len(todo), desc=f"judge {mode}", unit="job", disable=not progress, dynamic_ncols=True
+    )
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
     try:
-      futures = [pool.submit(judge_one, client, job, mode, policy, stop, creativity) for job in todo]
+      futures = [
+        pool.submit(judge_one, client, job, mode, policy, stop, creativity) for job in todo
+      ]
       for future in concurrent.futures.as_completed(futures):
         if future.cancelled():
           continue
@@ -411,7 +464,9 @@ def run_jobs(client: ChatClient, jobs: list[Job], output, mode: str, policy: Ret
           else:
             summary.ok += 1
         bar.update(1)
-        bar.set_postfix(ok=summary.ok, failed=summary.failed, not_reached=summary.not_reached, refresh=False)
+        bar.set_postfix(
+          ok=summary.ok, failed=summary.failed, not_reached=summary.not_reached, refresh=False
+        )
     except BaseException:
       stop.set()
       pool.shutdown(wait=False, cancel_futures=True)

@@ -29,6 +29,7 @@ REMOTE_PREFIXES = ("http://", "https://", "data:")
 @dataclasses.dataclass(frozen=True)
 class Item:
   """A candidate set (or a queued pair, responses = [chosen, rejected]) to be judged."""
+
   id: str
   question: str
   responses: tuple[str, ...]
@@ -49,14 +50,17 @@ class Job:
 
 
 def candidate_fields(record: dict, where: str) -> dict:
-  """A candidate set (DESIGN §3.2) checked and normalised: {id, images, question, reference, responses, models?}."""
+  """A candidate set (DESIGN §3.2) checked and normalised: {id, images, question, reference,
+  responses, models?}."""
   responses = record.get("responses")
   if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
     raise UserError(f"{where}: field 'responses' should be a list of strings")
   question = record.get("question")
   if not isinstance(question, str):
-    raise UserError(f"{where}: " + ("missing field 'question'" if question is None
-                                     else "field 'question' should be a string"))
+    raise UserError(
+      f"{where}: "
+      + ("missing field 'question'" if question is None else "field 'question' should be a string")
+    )
   images = record.get("images", [])
   if isinstance(images, str):
     images = [images]
@@ -66,11 +70,20 @@ def candidate_fields(record: dict, where: str) -> dict:
   if reference is not None and not isinstance(reference, str):
     raise UserError(f"{where}: field 'reference' should be a string")
   models = record.get("models")
-  if models is not None and (not isinstance(models, list) or len(models) != len(responses)
-                             or not all(isinstance(m, str) for m in models)):
+  if models is not None and (
+    not isinstance(models, list)
+    or len(models) != len(responses)
+    or not all(isinstance(m, str) for m in models)
+  ):
     raise UserError(f"{where}: field 'models' should list one model name (a string) per response")
-  return {"id": _item_id(record, where), "images": images, "question": question, "reference": reference,
-          "responses": responses, "models": models}
+  return {
+    "id": _item_id(record, where),
+    "images": images,
+    "question": question,
+    "reference": reference,
+    "responses": responses,
+    "models": models,
+  }
 
 
 def _item_id(record: dict, where: str) -> str:
@@ -83,7 +96,12 @@ def _item_id(record: dict, where: str) -> str:
 def _item_from_record(record: dict, where: str, image_root: Path) -> Item:
   if "responses" in record:
     c = candidate_fields(record, where)
-    question, images, reference, responses = c["question"], c["images"], c["reference"], c["responses"]
+    question, images, reference, responses = (
+      c["question"],
+      c["images"],
+      c["reference"],
+      c["responses"],
+    )
   else:  # a preference pair (re-annotation queue): stored responses are [chosen, rejected]
     pair = normalize_pair(record, where)
     question, images, reference = pair["question"], pair["images"], None
@@ -121,7 +139,9 @@ def _rng(seed: int, item_id: str) -> random.Random:
   return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def presentation_orders(mode: str, n: int, seed: int, item_id: str, repeats: int) -> list[tuple[int, ...]]:
+def presentation_orders(
+  mode: str, n: int, seed: int, item_id: str, repeats: int
+) -> list[tuple[int, ...]]:
   """The orders of stored indices shown to the judge in repeats 0..repeats-1.
 
   listwise: seeded random permutations that differ from the stored order and, while there
@@ -152,7 +172,9 @@ def presentation_order(mode: str, n: int, seed: int, item_id: str, repeat: int) 
   return presentation_orders(mode, n, seed, item_id, repeat + 1)[repeat]
 
 
-def plan_jobs(items: list[Item], mode: str, repeats: int, seed: int) -> tuple[list[Job], list[Item]]:
+def plan_jobs(
+  items: list[Item], mode: str, repeats: int, seed: int
+) -> tuple[list[Job], list[Item]]:
   """All jobs of a run, and the items skipped (fewer than two distinct responses)."""
   jobs, skipped = [], []
   for item in items:
@@ -170,7 +192,9 @@ def plan_jobs(items: list[Item], mode: str, repeats: int, seed: int) -> tuple[li
   return jobs, skipped
 
 
-def missing_jobs(jobs: list[Job], done: list[dict], mode: str, retry_failed: bool = False) -> list[Job]:
+def missing_jobs(
+  jobs: list[Job], done: list[dict], mode: str, retry_failed: bool = False
+) -> list[Job]:
   """The jobs not yet covered by the judgments in `done`.
 
   Judgment records carry no repeat index, so they are matched as a multiset on
@@ -213,11 +237,17 @@ def _judgment_problem(r: dict) -> str | None:
   if r.get("mode") not in MODES:
     return f"field 'mode' should be one of {', '.join(MODES)}"
   order = r.get("order")
-  if not isinstance(order, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in order):
+  if not isinstance(order, list) or not all(
+    isinstance(i, int) and not isinstance(i, bool) for i in order
+  ):
     return "field 'order' should be a list of response indices"
   scores = r.get("scores")
-  if scores is not None and (not isinstance(scores, list) or not all(
-      isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores)):
+  if scores is not None and (
+    not isinstance(scores, list)
+    or not all(
+      isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores
+    )
+  ):
     return "field 'scores' should be null or a list of finite numbers"
   for key in ("raw", "error", "judge"):
     if r.get(key) is not None and not isinstance(r[key], str):

@@ -30,6 +30,7 @@ _NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*10|out of 10|points?)?\s*$
 @dataclasses.dataclass(frozen=True)
 class Parsed:
   """Overall scores in presentation order, or why there are none."""
+
   scores: list[float] | None
   error: str | None
 
@@ -155,7 +156,7 @@ def _unescape_quotes(text: str) -> str | None:
   """`{\\"Assistant 1\\": ...}`, an object that was escaped once too often."""
   if '\\"' not in text:
     return None
-  return text.replace('\\\\', '\\').replace('\\"', '"').replace("\\n", "\n")
+  return text.replace("\\\\", "\\").replace('\\"', '"').replace("\\n", "\n")
 
 
 _VALID_ESCAPES = set('"\\/bfnrt')
@@ -181,8 +182,12 @@ def _repair(text: str) -> str:
         ch = text[j]
         if ch == "\\":
           nxt = text[j + 1] if j + 1 < n else ""
-          if nxt == "u" and all(x in _HEX for x in text[j + 2:j + 6]) and len(text[j + 2:j + 6]) == 4:
-            buf.append(text[j:j + 6])
+          if (
+            nxt == "u"
+            and all(x in _HEX for x in text[j + 2 : j + 6])
+            and len(text[j + 2 : j + 6]) == 4
+          ):
+            buf.append(text[j : j + 6])
             j += 6
             continue
           if nxt in _VALID_ESCAPES and nxt:
@@ -317,7 +322,11 @@ def _extract(obj: dict, n: int, mode: str) -> tuple[list[float] | None, str | No
   if not found:
     return None, "no 'Assistant k' objects" if mode != "pointwise" else "missing 'Overall Score'"
   if sorted(found) != list(range(1, n + 1)):
-    return None, f"wrong score count: expected {n} (Assistant 1..{n}), got {len(found)} (Assistant {sorted(found)})"
+    return (
+      None,
+      f"wrong score count: expected {n} (Assistant 1..{n}), got {len(found)} (Assistant "
+      f"{sorted(found)})",
+    )
   scores = []
   for k in range(1, n + 1):
     x, err = _overall(found[k])
@@ -329,21 +338,25 @@ def _extract(obj: dict, n: int, mode: str) -> tuple[list[float] | None, str | No
 
 
 _KEY_POS = re.compile(
-    r"[\"'\u201c*]*(Assistant\s*#?\s*(\d+)|Reference\s+Answer)[\"'\u201d*]*\s*[:\-\u2013\u2014]", re.I)
+  r"[\"'\u201c*]*(Assistant\s*#?\s*(\d+)|Reference\s+Answer)[\"'\u201d*]*\s*[:\-\u2013\u2014]", re.I
+)
 _OVERALL_POS = re.compile(
-    r"[\"'\u201c]?Overall(?:\s+Score)?[\"'\u201d]?\s*:\s*[\"']?\s*(-?\d+(?:\.\d+)?)(?=[^\d.])", re.I)
+  r"[\"'\u201c]?Overall(?:\s+Score)?[\"'\u201d]?\s*:\s*[\"']?\s*(-?\d+(?:\.\d+)?)(?=[^\d.])", re.I
+)
 
 
 def _extract_by_pattern(raw: str, n: int, mode: str) -> tuple[list[float] | None, str | None]:
   keys = list(_KEY_POS.finditer(raw))
   segments: dict[int, list[str]] = {}
-  top_level = raw[:keys[0].start()] if keys else raw
+  top_level = raw[: keys[0].start()] if keys else raw
   for idx, m in enumerate(keys):
     end = keys[idx + 1].start() if idx + 1 < len(keys) else len(raw)
     if m.group(2) is not None:
-      segments.setdefault(int(m.group(2)), []).append(raw[m.end():end])
+      segments.setdefault(int(m.group(2)), []).append(raw[m.end() : end])
   if mode == "pointwise" and not segments:
-    found = _OVERALL_POS.findall(top_level) or _OVERALL_POS.findall(raw[keys[-1].end():] if keys else "")
+    found = _OVERALL_POS.findall(top_level) or _OVERALL_POS.findall(
+      raw[keys[-1].end() :] if keys else ""
+    )
     if len(found) == 1:
       x = float(found[0])
       err = _check_range([x])
@@ -352,8 +365,10 @@ def _extract_by_pattern(raw: str, n: int, mode: str) -> tuple[list[float] | None
   if not segments:
     return None, "unparsable answer (no JSON object, no 'Assistant k' scores)"
   if sorted(segments) != list(range(1, n + 1)) or any(len(v) != 1 for v in segments.values()):
-    return None, (f"wrong score count: expected {n} (Assistant 1..{n}), got Assistant {sorted(segments)} "
-                  "(unparsable JSON)")
+    return None, (
+      f"wrong score count: expected {n} (Assistant 1..{n}), got Assistant {sorted(segments)} "
+      "(unparsable JSON)"
+    )
   scores = []
   for k in range(1, n + 1):
     found = _OVERALL_POS.findall(segments[k][0])

@@ -11,9 +11,10 @@ Entry points
 LAYOUT
 ------
 - `common`: building blocks (Linear/Embed/RMSNorm/LayerNorm/GatedMLP/MLP, rotary incl. interleaved
-  M-RoPE, attention, `segment_mask`, `scatter_vision_tokens`, `remat_policy` / `remat_call` /
-  `apply_layers` (the layer loop under activation checkpointing), `abstract_params` (build a
-  shapes-only model fast, what the HF loader fills)).
+  M-RoPE, attention (`resolve_attention`: what "auto" means per platform; `item_attention`: per
+  image / frame / window rows), `segment_mask`, `scatter_vision_tokens`, `remat_policy` /
+  `remat_call` / `apply_layers` (the layer loop under activation checkpointing),
+  `abstract_params` (build a shapes-only model fast, what the HF loader fills)).
 - `configs`: config code shared by the families: the `VisionLanguageConfig` base, config.json
   helpers (`rope_fields`, `vision_fields`, `hf_rope_parameters`, `hf_config_errors`), the derived
   vision sizes (`VisionDims`, `HiddenSizeVisionDims`).
@@ -28,7 +29,8 @@ LAYOUT
   `Backbone` subclass (which vision tower, which batch arrays it reads), family-specific modules
   (Qwen3-VL's tower with DeepStack) and processor hooks (windows, video timing).
 - `<family>_params.py`: the family's `hf_param_map`, re-exported by the family module.
-- `reward` (value head), `hf_io` (HF checkpoints in / out), `processor` (numpy preprocessing).
+- `reward` (value head), `hf_io` (HF checkpoints in / out), `processor` (numpy preprocessing),
+  `vision_layout` (numpy: the per-item vision attention layout and shared vision tokens).
 
 FAMILY MODULE INTERFACE (mrm_jax/models/<family>.py; qwen2_vl.py is the reference implementation)
 --------------------------------------------------------------------------------------------------
@@ -51,12 +53,17 @@ A family module defines:
 `Backbone(cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention=None, remat="none")`
     Usually a subclass of `layers.Backbone`: an `nnx.Module` with sub-modules `visual` (vision tower + merger; what `freeze_vision` freezes) and
     `language_model`. `__call__(batch) -> [B, T, H]`: the last hidden state AFTER the final norm, in
-    `dtype`. The LM head (vocabulary projection) is never built or computed. `attention` is passed to
-    `common.attention(implementation=...)`: None | "xla" | "cudnn". The batch keys it reads:
+    `dtype`. The LM head (vocabulary projection) is never built or computed. `attention`: "xla" |
+    "cudnn" (`RewardModel` resolves "auto" / None with `common.resolve_attention`). The batch keys
+    it reads:
       input_ids [B,T] int32, attention_mask [B,T] int32 (1 = token), position_ids [3,B,T] int32,
       pixel_values [P, C*tp*p*p] float32 (P = static patch budget, a multiple of merge_size**2; may be 0),
       vision_segment_ids [P] int32 (0 = padding patch; one id per image / video frame),
-      plus the family's per-patch arrays (below). Placeholder tokens (image_token_id / video_token_id)
+      plus the family's per-patch arrays (below), and optionally (what `collate` adds, see
+      vision_layout.py) the per-item attention layouts `vision_items_*` (`vision_windows_*`),
+      without which vision attention runs over the whole sequence under a block-diagonal mask, and
+      `vision_token_offset [B]` (each row's first merged vision token: rows may share them).
+      Placeholder tokens (image_token_id / video_token_id)
       receive the merged vision tokens in order of appearance (row-major over the batch).
 `hf_param_map(cfg) -> list[tuple[str, tuple, str]]`  (defined in `<family>_params.py`)
     `(hf_key, nnx_path, kind)` for every parameter of `Backbone`: `hf_key` in the transformers-5

@@ -12,11 +12,13 @@ Conventions (every family follows them, so HF weights map mechanically):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -255,6 +257,42 @@ def vision_rotary_cos_sin(pos_hw, head_dim: int, theta: float = 10000.0):
 # ----------------------------------------------------------------------------------------------
 # Attention
 
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+_LOGGED: set = set()
+
+
+def resolve_attention(requested: str | None, dtype, platform: str | None = None,
+                      head_dims: Sequence[int] = ()) -> str:
+  """The attention implementation to build: "xla" or "cudnn". `requested` None / "auto" picks
+  cuDNN's fused kernel on NVIDIA GPUs when the compute dtype is bf16 / fp16 and every head dim
+  suits it (a multiple of 8, at most 128), else XLA (cuDNN has no fp32 kernel). `platform`:
+  "cuda", "rocm", "cpu", "tpu" (default: this process's backend). The choice is logged once."""
+  req = "auto" if requested in (None, "") else str(requested)
+  if req not in ATTENTION_CHOICES:
+    raise ValueError(f"unknown attention '{requested}' ({' | '.join(ATTENTION_CHOICES)})")
+  if req != "auto":
+    return req
+  platform = default_platform() if platform is None else platform
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  heads_ok = all(d % 8 == 0 and d <= 128 for d in head_dims)
+  choice = "cudnn" if platform == "cuda" and half and heads_ok else "xla"
+  key = (platform, str(jnp.dtype(dtype)), tuple(head_dims), choice)
+  if key not in _LOGGED:
+    _LOGGED.add(key)
+    logging.getLogger(__name__).info("attention auto -> %s (platform %s, dtype %s, head dims %s)",
+                                     choice, platform, jnp.dtype(dtype), list(head_dims))
+  return choice
+
+
+def default_platform() -> str:
+  """"cuda" / "rocm" for GPUs (by the runtime's platform version), else the backend's name."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return backend
+  version = jax.extend.backend.get_backend().platform_version.lower()
+  return "rocm" if "rocm" in version or "hip" in version else "cuda"
+
+
 def attention(q, k, v, *, mask=None, causal: bool = False, key_mask=None, implementation: str | None = None):
   """Scaled dot-product attention via `jax.nn.dot_product_attention`.
 
@@ -267,7 +305,8 @@ def attention(q, k, v, *, mask=None, causal: bool = False, key_mask=None, implem
   if implementation in (None, "auto"):
     implementation = None
   if implementation == "cudnn" and mask is None:
-    lengths = None if key_mask is None else jnp.sum(key_mask.astype(jnp.int32), axis=-1)
+    # an empty row (length 0) would give cuDNN nothing to normalise over: NaN
+    lengths = None if key_mask is None else jnp.maximum(jnp.sum(key_mask.astype(jnp.int32), -1), 1)
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
                                         implementation="cudnn")
   if key_mask is not None:
@@ -280,20 +319,58 @@ def attention(q, k, v, *, mask=None, causal: bool = False, key_mask=None, implem
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+class ItemLayout(NamedTuple):
+  """Per-item attention layout (see mrm_jax/models/vision_layout.py): `index [R, L]` patch of each
+  slot, `lengths [R]` patches per row, `slot [P, 2]` (row, column) of each patch."""
+  index: jax.Array
+  lengths: jax.Array
+  slot: jax.Array
+
+
+def item_layout(batch, prefix: str) -> ItemLayout | None:
+  """The `ItemLayout` of `<prefix>_*` batch arrays, or None when the batch has none."""
+  if f"{prefix}_index" not in batch:
+    return None
+  return ItemLayout(*(jnp.asarray(batch[f"{prefix}{s}"]) for s in ("_index", "_lengths", "_slot")))
+
+
+def item_attention(q, k, v, layout: ItemLayout, implementation: str | None = None):
+  """Attention within each item of a flat patch sequence: q/k/v `[P, N, D]` → `[P, N, D]`.
+
+  Each row of the layout gathers one item's patches; rows attend independently under a padding
+  mask (per-row key lengths, which cuDNN takes natively), then every patch reads its own slot. An
+  empty row gets length 1 so its (unused) outputs stay finite."""
+  r, l = layout.index.shape
+  flat = layout.index.reshape(-1)
+  rows = [jnp.take(t, flat, axis=0).reshape((r, l) + t.shape[1:]) for t in (q, k, v)]
+  lengths = jnp.maximum(layout.lengths.astype(jnp.int32), 1)
+  impl = "cudnn" if implementation == "cudnn" else "xla"
+  out = jax.nn.dot_product_attention(*rows, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation=impl)
+  where = layout.slot[:, 0].astype(jnp.int32) * l + layout.slot[:, 1].astype(jnp.int32)
+  return jnp.take(out.reshape((r * l,) + out.shape[2:]), where, axis=0)
+
+
 def segment_mask(segment_ids):
   """Block-diagonal mask `[1, 1, P, P]` from per-patch segment ids (attend within equal ids)."""
   return (segment_ids[:, None] == segment_ids[None, :])[None, None]
 
 
-def scatter_vision_tokens(embeds, input_ids, vision_embeds, token_ids: Sequence[int]):
+def scatter_vision_tokens(embeds, input_ids, vision_embeds, token_ids: Sequence[int],
+                          row_offsets=None):
   """Replaces the embeddings at placeholder positions (`input_ids` in `token_ids`) by `vision_embeds`,
-  consumed in row-major order (transformers' `masked_scatter`). `vision_embeds [M, H]` may hold more
-  rows (padding) than placeholders; extra rows are ignored."""
+  consumed in row-major order (transformers' `masked_scatter`), or, given `row_offsets [B]`, row b's
+  placeholders from `vision_embeds[row_offsets[b]]` on (rows may share tokens). `vision_embeds
+  [M, H]` may hold more rows (padding) than placeholders; extra rows are ignored."""
   is_vis = jnp.zeros(input_ids.shape, bool)
   for t in token_ids:
     is_vis = is_vis | (input_ids == t)
-  flat = is_vis.reshape(-1)
-  idx = jnp.clip(jnp.cumsum(flat.astype(jnp.int32)) - 1, 0, max(vision_embeds.shape[0] - 1, 0))
+  if row_offsets is None:
+    idx = jnp.cumsum(is_vis.reshape(-1).astype(jnp.int32)) - 1
+  else:
+    within = jnp.cumsum(is_vis.astype(jnp.int32), axis=-1) - 1
+    idx = (within + jnp.asarray(row_offsets, jnp.int32)[:, None]).reshape(-1)
+  idx = jnp.clip(idx, 0, max(vision_embeds.shape[0] - 1, 0))
   gathered = jnp.take(vision_embeds, idx, axis=0).reshape(embeds.shape).astype(embeds.dtype)
   return jnp.where(is_vis[..., None], gathered, embeds)
 

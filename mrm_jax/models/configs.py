@@ -53,12 +53,13 @@ def hf_rope_parameters(rope_type: str, theta: float, mrope_section: Sequence[int
 
 
 @contextlib.contextmanager
-def hf_config_errors():
-  """Inside, a Config field config.json gets wrong (a TypeError from a dataclass) is a UserError."""
+def hf_config_errors(model_type: str):
+  """Inside, a field config.json gets wrong (an unknown dataclass field, a section that is not an
+  object) is a UserError naming the family."""
   try:
     yield
   except TypeError as e:
-    raise UserError(f"config.json: {e}") from None
+    raise UserError(f"config.json: invalid {model_type} config (TypeError: {e})") from None
 
 
 class VisionDims:

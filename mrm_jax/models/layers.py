@@ -29,7 +29,9 @@ ParamNames = list[tuple[str, tuple, str]]
 # Vision tower
 
 class VisionAttention(nnx.Module):
-  """Fused-qkv attention under the 2-D rotary, with a block-diagonal (per image / window) mask."""
+  """Fused-qkv attention under the 2-D rotary, within each image / frame / window: per item
+  (`common.ItemLayout`, cost linear in the number of items) or, given a mask, over the whole
+  sequence under that block-diagonal mask (batches without a layout)."""
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs, attention=None):
     e = cfg.embed_dim
@@ -39,14 +41,18 @@ class VisionAttention(nnx.Module):
     self.proj = Linear(e, e, axes=("vision_heads", "vision_embed"), **kw)
 
   def __call__(self, x, cos, sin, mask):
+    """`mask`: a `common.ItemLayout` or a boolean `[1, 1, P, P]` mask."""
     p = x.shape[0]
     qkv = self.qkv(x).reshape(p, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     c, s = cos[:, None, :], sin[:, None, :]
     q = common.apply_rotary(q.astype(jnp.float32), c, s).astype(x.dtype)
     k = common.apply_rotary(k.astype(jnp.float32), c, s).astype(x.dtype)
-    impl = None if self.attention == "cudnn" else self.attention  # arbitrary masks: XLA path
-    out = common.attention(q[None], k[None], v[None], mask=mask, implementation=impl)[0]
+    if isinstance(mask, common.ItemLayout):
+      out = common.item_attention(q, k, v, mask, implementation=self.attention)
+    else:
+      impl = None if self.attention == "cudnn" else self.attention  # arbitrary masks: XLA path
+      out = common.attention(q[None], k[None], v[None], mask=mask, implementation=impl)[0]
     return self.proj(out.reshape(p, -1))
 
 
@@ -103,16 +109,19 @@ class VisionTower(nnx.Module):
     self.blocks = nnx.List([VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, **kw)
 
-  def __call__(self, pixel_values, segment_ids, pos_ids, window_segment_ids=None):
+  def __call__(self, pixel_values, segment_ids, pos_ids, window_segment_ids=None, *, items=None,
+               windows=None):
     """`pixel_values [P, patch_dim]` → (merged tokens `[P / merge², out_dim]`, no DeepStack
-    features)."""
+    features). `items` / `windows`: the `common.ItemLayout`s of the segment ids (per-item
+    attention); without them attention runs under block-diagonal masks."""
     x = self.patch_embed(pixel_values)
     cos, sin = common.vision_rotary_cos_sin(pos_ids, self.cfg.head_dim, self.cfg.rope_theta)
-    mask = common.segment_mask(segment_ids)
+    mask = items if items is not None else common.segment_mask(segment_ids)
     if window_segment_ids is None:
       x = common.apply_layers(self.blocks, self.remat, x, cos, sin, mask)
     else:
-      window, full = common.segment_mask(window_segment_ids), self.cfg.fullatt_block_indexes
+      window = windows if windows is not None else common.segment_mask(window_segment_ids)
+      full = self.cfg.fullatt_block_indexes
       x = common.apply_layers(self.blocks, self.remat, x,
                               layer_args=lambda i: (cos, sin, mask if i in full else window))
     return self.merger(x), []
@@ -205,6 +214,8 @@ class Backbone(nnx.Module):
 
   vision_tower: type = VisionTower
   vision_keys: tuple[str, ...] = ("vision_segment_ids", "vision_pos_ids")
+  # tower keyword ← batch prefix of its per-item attention layout (vision_layout.LAYOUTS)
+  vision_layouts: dict[str, str] = {"items": "vision_items"}
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                attention: str | None = None, remat: str = "none"):
@@ -221,10 +232,13 @@ class Backbone(nnx.Module):
     if pixels is not None and pixels.shape[0] > 0:
       tokens = (self.config.image_token_id, self.config.video_token_id)
       arrays = [jnp.asarray(batch[k]) for k in self.vision_keys]
-      vis, feats = self.visual(jnp.asarray(pixels), *arrays)
-      embeds = common.scatter_vision_tokens(embeds, ids, vis, tokens)
+      layouts = {k: common.item_layout(batch, prefix) for k, prefix in self.vision_layouts.items()}
+      vis, feats = self.visual(jnp.asarray(pixels), *arrays,
+                               **{k: v for k, v in layouts.items() if v is not None})
+      offsets = batch.get("vision_token_offset")
+      embeds = common.scatter_vision_tokens(embeds, ids, vis, tokens, offsets)
       zeros = jnp.zeros_like(embeds)
-      deepstack = [common.scatter_vision_tokens(zeros, ids, f, tokens) for f in feats]
+      deepstack = [common.scatter_vision_tokens(zeros, ids, f, tokens, offsets) for f in feats]
     return self.language_model(embeds, jnp.asarray(batch["position_ids"]),
                                jnp.asarray(batch["attention_mask"]), deepstack)
 

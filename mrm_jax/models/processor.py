@@ -22,6 +22,7 @@ vision tokens and the final scored token are never cut.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -37,11 +38,25 @@ from PIL import Image, UnidentifiedImageError
 from mrm_jax.data.records import IMAGE_PLACEHOLDER, resolve_image
 from mrm_jax.errors import UserError
 from mrm_jax.io import read_json_object
+from mrm_jax.models import vision_layout
 
 VIDEO_PLACEHOLDER = "<video>"
 _PLACEHOLDER_RE = re.compile(r"(<image>|<video>)")
+# LLaMA-Factory's model_args defaults (image_max_pixels, image_min_pixels)
+LF_IMAGE_MAX_PIXELS = 768 * 768
+LF_IMAGE_MIN_PIXELS = 32 * 32
+IMAGE_PREPROCESS = ("transformers", "llamafactory")
+# LLaMA-Factory 0.9 chat templates of the Qwen-VL families: name → (default system, text put before
+# every answer); all are ChatML (qwen2_vl serves Qwen2.5-VL too).
+TEMPLATES = {
+    "qwen2_vl": ("You are a helpful assistant.", ""),
+    "qwen3_vl": ("", "<think>\n\n</think>\n\n"),
+    "qwen3_vl_nothink": ("", ""),
+}
 _IMAGE_TRIO = "<|vision_start|><|image_pad|><|vision_end|>"
 _VIDEO_TRIO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+log = logging.getLogger(__name__)
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -83,15 +98,15 @@ def _refuse_decompression_bombs() -> None:
     warnings.filterwarnings("error", category=bomb)
 
 
-def load_image(path: str | os.PathLike, where: str = "record", name: str | None = None):
-  """An RGB PIL image; a missing, undecodable or too large file is a UserError naming the record and
-  the path as given."""
+def open_image(path: str | os.PathLike, where: str = "record", name: str | None = None):
+  """The decoded PIL image as stored (any mode); a missing, undecodable or too large file is a
+  UserError naming the record and the path as given."""
   _refuse_decompression_bombs()
   shown = f"'{name}' ({path})" if name is not None and str(name) != str(path) else f"'{path}'"
   try:
     with Image.open(path) as im:
       im.load()
-      return to_rgb(im)
+      return im
   except FileNotFoundError:
     raise UserError(f"{where}: image {shown} not found") from None
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -100,16 +115,103 @@ def load_image(path: str | os.PathLike, where: str = "record", name: str | None 
     raise UserError(f"{where}: image {shown} cannot be decoded ({type(e).__name__})") from None
 
 
-def normalize_frames(frames: Sequence, height: int, width: int, settings: dict) -> np.ndarray:
-  """RGB PIL frames → resized, rescaled, normalised float32 `[F, C, H, W]`."""
+def load_image(path: str | os.PathLike, where: str = "record", name: str | None = None):
+  """An RGB PIL image the way transformers converts it (see `open_image` and `to_rgb`)."""
+  return to_rgb(open_image(path, where, name))
+
+
+def llamafactory_image(image, max_pixels: int = LF_IMAGE_MAX_PIXELS,
+                       min_pixels: int = LF_IMAGE_MIN_PIXELS):
+  """LLaMA-Factory 0.9's Qwen-VL image regularisation (`Qwen2VLPlugin._preprocess_image`), step for
+  step: shrink to at most `max_pixels` (its image_max_pixels), enlarge to at least `min_pixels`,
+  stretch a side under 28 px to 28, cap the aspect ratio at 180, each a PIL resize with PIL's
+  default filter; then `convert("RGB")`, which drops alpha (no compositing on white)."""
+  if image.width * image.height > max_pixels:
+    f = math.sqrt(max_pixels / (image.width * image.height))
+    image = image.resize((int(image.width * f), int(image.height * f)))
+  if image.width * image.height < min_pixels:
+    f = math.sqrt(min_pixels / (image.width * image.height))
+    image = image.resize((int(image.width * f), int(image.height * f)))
+  if image.mode != "RGB":
+    image = image.convert("RGB")
+  if min(image.width, image.height) < 28:
+    image = image.resize((max(image.width, 28), max(image.height, 28)))
+  if image.width / image.height > 200:
+    image = image.resize((image.height * 180, image.height))
+  if image.height / image.width > 200:
+    image = image.resize((image.width, image.width * 180))
+  return image
+
+
+def _bicubic_coefficients(in_size: int, out_size: int, precision: int | None):
+  """Fixed-point antialiased bicubic (a = -0.5) weights, PIL's `precompute_coeffs`: `(first index
+  [out], integer weights [out, K], precision bits)`. `precision=None` picks torch's uint8 kernel's
+  (the most bits keeping the largest weight under 2**15), 22 is PIL's."""
+  scale = in_size / out_size
+  support = 2.0 * max(scale, 1.0)
+  inv = 1.0 / max(scale, 1.0)
+  k = int(math.ceil(support)) * 2 + 1
+  first = np.zeros(out_size, np.int64)
+  weights = np.zeros((out_size, k), np.float64)
+  for i in range(out_size):
+    center = scale * (i + 0.5)
+    lo = max(int(center - support + 0.5), 0)
+    n = min(min(int(center + support + 0.5), in_size) - lo, k)
+    x = np.abs((np.arange(n) + lo - center + 0.5) * inv)
+    w = np.where(x < 1, (1.5 * x - 2.5) * x * x + 1,
+                 np.where(x < 2, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
+    total = w.sum()
+    first[i], weights[i, :n] = lo, (w / total if total != 0 else w)
+  if precision is None:
+    w_max, precision = weights.max(), 0
+    while precision < 22 and int(0.5 + w_max * (1 << (precision + 1))) < (1 << 15):
+      precision += 1
+  scaled = weights * (1 << precision)
+  fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
+  return first, fixed, precision
+
+
+def _resample_axis(arr: np.ndarray, out_size: int, axis: int, precision: int | None) -> np.ndarray:
+  first, w, bits = _bicubic_coefficients(arr.shape[axis], out_size, precision)
+  src = np.moveaxis(arr, axis, 0).astype(np.int64)
+  acc = np.full((out_size,) + src.shape[1:], 1 << (bits - 1), np.int64)
+  expand = (slice(None),) + (None,) * (src.ndim - 1)
+  for j in range(w.shape[1]):
+    idx = np.minimum(first + j, src.shape[0] - 1)
+    acc += src[idx] * w[:, j][expand]
+  return np.moveaxis(np.clip(acc >> bits, 0, 255).astype(np.uint8), 0, axis)
+
+
+def resize_bicubic_uint8(arr: np.ndarray, height: int, width: int,
+                         precision: int | None = None) -> np.ndarray:
+  """HWC uint8 → (height, width) with the fixed-point antialiased bicubic of PIL (`precision=22`)
+  or of torch's uint8 CPU kernel, which transformers' torchvision backend runs (`None`): a
+  horizontal pass to uint8, then a vertical one."""
+  if arr.shape[1] != width:
+    arr = _resample_axis(arr, width, 1, precision)
+  if arr.shape[0] != height:
+    arr = _resample_axis(arr, height, 0, precision)
+  return arr
+
+
+def normalize_frames(frames: Sequence, height: int, width: int, settings: dict,
+                     backend: str = "pil") -> np.ndarray:
+  """RGB PIL frames → resized, rescaled, normalised float32 `[F, C, H, W]`, as transformers' image
+  processor does it with its PIL backend (`"pil"`) or its torchvision one (`"torchvision"`: torch's
+  uint8 bicubic, and rescale fused into a float32 normalisation)."""
   mean = np.asarray(settings["image_mean"], dtype=np.float32)
   std = np.asarray(settings["image_std"], dtype=np.float32)
   scale = settings.get("rescale_factor", 1 / 255)
   out = []
   for im in frames:
-    arr = np.asarray(im.resize((width, height), resample=Image.BICUBIC))  # HWC uint8
-    x = (arr.astype(np.float64) * scale).astype(np.float32)
-    x = (x - mean) / std
+    if backend == "torchvision":
+      arr = resize_bicubic_uint8(np.asarray(im), height, width)
+      inv = np.float32(1.0 / scale)
+      x = (arr.astype(np.float32) - mean * inv) / (std * inv)
+    else:
+      arr = np.asarray(im.resize((width, height), resample=Image.BICUBIC))  # HWC uint8
+      x = (arr.astype(np.float64) * scale).astype(np.float32)
+      x = (x - mean) / std
     out.append(np.ascontiguousarray(x.transpose(2, 0, 1)))
   return np.stack(out)
 
@@ -127,11 +229,12 @@ def patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_patc
   return x.reshape(gt * gh * gw, c * temporal_patch_size * p * p), (gt, gh, gw)
 
 
-def process_image(image, settings: dict):
-  """One RGB PIL image → (patches, (1, gh, gw)) with transformers' Qwen2-VL PIL image processor math."""
+def process_image(image, settings: dict, backend: str = "pil"):
+  """One RGB PIL image → (patches, (1, gh, gw)) with transformers' Qwen2-VL image processor math
+  (`backend` as in `normalize_frames`)."""
   factor = settings["patch_size"] * settings["merge_size"]
   h, w = smart_resize(image.height, image.width, factor, settings["min_pixels"], settings["max_pixels"])
-  frames = normalize_frames([image], h, w, settings)
+  frames = normalize_frames([image], h, w, settings, backend)
   frames = np.repeat(frames, settings["temporal_patch_size"], axis=0)
   return patchify(frames, settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"])
 
@@ -199,7 +302,7 @@ def _checked_settings(settings: dict, where: Path) -> dict:
       bad(key, "a positive integer")
   for key in ("image_mean", "image_std"):
     v = settings.get(key)
-    if v is not None and not (isinstance(v, list) and len(v) == 3 and all(
+    if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 3 and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
       bad(key, "a list of 3 finite numbers")
   v = settings.get("rescale_factor")
@@ -221,12 +324,63 @@ def _chat_template(f: Path) -> str:
   return template
 
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
+VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"
+
+
+def _processor_files(path: Path):
+  """`(image settings, their file, video settings, their file)` as transformers finds them: the
+  image processor's own preprocessor_config.json (video_preprocessor_config.json), else the
+  `image_processor` (`video_processor`) object nested in processor_config.json, which is all that
+  transformers 5 (and so LLaMA-Factory) saves. Settings not found are None."""
+  image_file, video_file = path / PREPROCESSOR_FILE, path / VIDEO_PREPROCESSOR_FILE
+  image = read_json_object(image_file) if image_file.is_file() else None
+  video = read_json_object(video_file) if video_file.is_file() else None
+  combined = path / PROCESSOR_FILE
+  if (image is None or video is None) and combined.is_file():
+    nested = read_json_object(combined)
+    for key in ("image_processor", "video_processor"):
+      if nested.get(key) is not None and not isinstance(nested[key], dict):
+        raise UserError(f"{combined}: field '{key}' should be an object")
+    if image is None and nested.get("image_processor") is not None:
+      image, image_file = nested["image_processor"], combined
+    if video is None and nested.get("video_processor") is not None:
+      video, video_file = nested["video_processor"], combined
+  return image, image_file, video, video_file
+
+
+def written_by_llamafactory(path: Path) -> str | None:
+  """Why `path` looks like a LLaMA-Factory output directory (None when it does not): the model card
+  it writes (README.md tagged `llama-factory`), or the trainer's `training_args.bin` next to a
+  `value_head.safetensors` (a `stage: rm` run). Our exports write neither."""
+  card = path / "README.md"
+  if card.is_file():
+    try:
+      if "llama-factory" in card.read_text(encoding="utf-8", errors="replace")[:4096]:
+        return "README.md tagged llama-factory"
+    except OSError:
+      pass
+  if (path / "training_args.bin").is_file() and (path / "value_head.safetensors").is_file():
+    return "training_args.bin with value_head.safetensors"
+  return None
+
+
 class Processor:
   """Tokenizer + chat template + image/video settings + the family's hooks."""
 
   def __init__(self, tokenizer, family: ModuleType, config, image_settings: dict | None = None,
-               video_settings: dict | None = None):
+               video_settings: dict | None = None, image_preprocess: str = "transformers",
+               lf_image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
+               lf_image_min_pixels: int = LF_IMAGE_MIN_PIXELS):
+    if image_preprocess not in IMAGE_PREPROCESS:
+      raise UserError(f"unknown image preprocessing '{image_preprocess}' "
+                      f"(one of {', '.join(IMAGE_PREPROCESS)})")
     self.tokenizer, self.family, self.config = tokenizer, family, config
+    self.image_preprocess = image_preprocess
+    self.template: str | None = None
+    self.lf_image_max_pixels = int(lf_image_max_pixels)
+    self.lf_image_min_pixels = int(lf_image_min_pixels)
     self.image_settings = image_settings or dict(family.IMAGE_DEFAULTS)
     self.video_settings = video_settings or dict(family.VIDEO_DEFAULTS)
     if not getattr(tokenizer, "chat_template", None):
@@ -237,7 +391,12 @@ class Processor:
     self.pad_id = int(pad) if pad is not None else 0
 
   @classmethod
-  def from_pretrained(cls, path, family: ModuleType, config, *, min_pixels=None, max_pixels=None) -> "Processor":
+  def from_pretrained(cls, path, family: ModuleType, config, *, min_pixels=None, max_pixels=None,
+                      image_preprocess: str | None = None, template: str | None = None,
+                      lf_image_max_pixels: int | None = None,
+                      lf_image_min_pixels: int | None = None) -> "Processor":
+    """`image_preprocess` None (or "auto") picks "llamafactory" for a directory LLaMA-Factory wrote
+    (`written_by_llamafactory`, announced with a warning) and "transformers" otherwise."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
       raise UserError(f"{path}: no tokenizer (tokenizer.json or vocab.json + merges.txt)")
@@ -249,13 +408,12 @@ class Processor:
           tok.chat_template = _chat_template(f)
           break
 
-    def read(name):
-      f = path / name
-      return read_json_object(f) if f.is_file() else None
-
-    image_cfg = read("preprocessor_config.json")
-    video_cfg = read("video_preprocessor_config.json") or {}
-    image_file, video_file = path / "preprocessor_config.json", path / "video_preprocessor_config.json"
+    image_cfg, image_file, video_cfg, video_file = _processor_files(path)
+    if image_cfg is None:
+      d = family.IMAGE_DEFAULTS
+      log.warning("%s: no %s, nor %s with an 'image_processor' object; using the built-in %s "
+                  "image settings (min_pixels=%d, max_pixels=%d)", path, PREPROCESSOR_FILE,
+                  PROCESSOR_FILE, family.MODEL_TYPE, d["min_pixels"], d["max_pixels"])
     try:
       image = _checked_settings(_settings(family.IMAGE_DEFAULTS, image_cfg, min_pixels, max_pixels), image_file)
       video = _settings(family.VIDEO_DEFAULTS, {k: v for k, v in (image_cfg or {}).items()
@@ -265,7 +423,19 @@ class Processor:
       if not str(e).startswith("field "):
         raise
       raise UserError(f"{image_file}: {e}") from None
-    return cls(tok, family, config, image, video)
+    lf_max = lf_image_max_pixels or LF_IMAGE_MAX_PIXELS
+    lf_min = lf_image_min_pixels or LF_IMAGE_MIN_PIXELS
+    if image_preprocess in (None, "auto"):
+      image_preprocess = "transformers"
+      if (why := written_by_llamafactory(path)) is not None:
+        image_preprocess = "llamafactory"
+        log.warning("%s: written by LLaMA-Factory (%s), so images are preprocessed as LLaMA-Factory "
+                    "does (image_max_pixels=%d, image_min_pixels=%d, torchvision resize); pass "
+                    "--image-preprocess transformers (data.image_preprocess) for transformers' own",
+                    path, why, lf_max, lf_min)
+    proc = cls(tok, family, config, image, video, image_preprocess, lf_max, lf_min)
+    proc.set_template(template)
+    return proc
 
   # -- text -----------------------------------------------------------------------------------
 
@@ -275,8 +445,28 @@ class Processor:
     msgs = [] if system is None else [{"role": "system", "content": system}]
     return msgs + [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
 
+  def set_template(self, template: str | None) -> None:
+    """None / "model": the model directory's chat template; else a LLaMA-Factory template name of
+    TEMPLATES, rendered as LLaMA-Factory does (an empty system means its default system)."""
+    if template not in (None, "model") and template not in TEMPLATES:
+      raise UserError(f"unknown chat template '{template}' (model, {', '.join(TEMPLATES)})")
+    self.template = None if template == "model" else template
+
+  def _text(self, system, parts, answer) -> str:
+    if self.template is None:
+      messages = self._messages(system, parts, answer)
+      return self.tokenizer.apply_chat_template(messages, tokenize=False)
+    default_system, think = TEMPLATES[self.template]
+    system = system or default_system
+    user = "".join({"image": _IMAGE_TRIO, "video": _VIDEO_TRIO}.get(p, p) for p in parts)
+    text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    if think and "<think>" not in answer and "</think>" not in answer:
+      text += think  # LLaMA-Factory's ReasoningTemplate: an empty thought before every answer
+    return text + f"{answer}<|im_end|>\n"
+
   def _render(self, system, parts, answer, grids: list[tuple[str, tuple, dict]]) -> list[int]:
-    text = self.tokenizer.apply_chat_template(self._messages(system, parts, answer), tokenize=False)
+    text = self._text(system, parts, answer)
     out, pos, items = [], 0, iter(grids)
     while True:
       i_img, i_vid = text.find(_IMAGE_TRIO, pos), text.find(_VIDEO_TRIO, pos)
@@ -296,8 +486,21 @@ class Processor:
 
   # -- encode ---------------------------------------------------------------------------------
 
-  def encode(self, record: dict, image_root, max_len: int, where: str = "record") -> Encoded:
-    """A scoring record (`images`, `videos`?, `question`, `answer`, `system`?) → `Encoded`."""
+  def process_image(self, image):
+    """A decoded PIL image → (patches, grid): transformers' Qwen-VL image processor (PIL
+    backend), or in "llamafactory" mode what LLaMA-Factory feeds its model: `llamafactory_image`,
+    then the image processor with transformers' default torchvision backend."""
+    if self.image_preprocess == "llamafactory":
+      image = llamafactory_image(image, self.lf_image_max_pixels, self.lf_image_min_pixels)
+      return process_image(image, self.image_settings, backend="torchvision")
+    return process_image(to_rgb(image), self.image_settings)
+
+  def encode(self, record: dict, image_root, max_len: int, where: str = "record",
+             vision: Encoded | None = None) -> Encoded:
+    """A scoring record (`images`, `videos`?, `question`, `answer`, `system`?) → `Encoded`.
+
+    `vision`: an encoding of a record with the same images and videos (a pair's other response),
+    whose processed vision items are reused instead of decoding and resizing them again."""
     images = record.get("images") or []
     if isinstance(images, str):
       images = [images]
@@ -319,19 +522,25 @@ class Processor:
     # vision items in order of appearance
     img_iter, vid_iter = iter(images), iter(videos)
     patches, grids = [], []
+    reused = None if vision is None else iter(zip(vision.vision_kinds, vision.grid_thw.tolist()))
     for p in parts:
-      if p == "image":
+      if p not in ("image", "video"):
+        continue
+      if reused is not None:
+        kind, thw = next(reused, (None, None))
+        if kind != p:
+          raise ValueError(f"{where}: the reused vision items do not match the record's")
+        x, thw = None, tuple(thw)
+        frames = next(vid_iter) if p == "video" else next(img_iter)
+      elif p == "image":
         name = next(img_iter)
-        im = load_image(resolve_image(name, image_root, where), where, name)
-        x, thw = process_image(im, self.image_settings)
-      elif p == "video":
+        x, thw = self.process_image(open_image(resolve_image(name, image_root, where), where, name))
+      else:
         frames = next(vid_iter)
         if isinstance(frames, str) or not frames:
           raise UserError(f"{where}: each video must be a non-empty list of frame paths")
         ims = [load_image(resolve_image(f, image_root, where), where, f) for f in frames]
         x, thw = process_video(ims, self.video_settings)
-      else:
-        continue
       patches.append(x)
       # frame timing matters to families that write timestamps into the text (Qwen3-VL)
       grids.append((p, thw, {"num_frames": len(frames)} if p == "video" else {}))
@@ -340,8 +549,12 @@ class Processor:
     ids = np.asarray(ids, dtype=np.int32)
     pos = self.family.rope_index(ids, grid_thw, self.config)
     dim = self.config.vision.patch_dim
-    pixels = np.concatenate(patches, 0).astype(np.float32) if patches else np.zeros((0, dim), np.float32)
-    arrays = self.family.vision_patch_arrays(grid_thw, self.config)
+    if vision is not None:
+      pixels, arrays = vision.pixel_values, vision.patch_arrays
+    else:
+      pixels = (np.concatenate(patches, 0).astype(np.float32) if patches
+                else np.zeros((0, dim), np.float32))
+      arrays = self.family.vision_patch_arrays(grid_thw, self.config)
     return Encoded(ids, pos.astype(np.int32), pixels, grid_thw, arrays, truncated, tuple(k for k, _, _ in grids))
 
   def _fit(self, system, parts, answer, grids, max_len: int, where: str):
@@ -385,20 +598,39 @@ class Processor:
     raise UserError(f"{where}: the images/videos alone need more than max_len={max_len} tokens")
 
   def collate(self, examples: Sequence[Encoded], seq_len: int, patch_budget: int | None = None,
-              strength: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+              strength: Sequence[float] | None = None, share: Sequence[int | None] | None = None,
+              layout_sizes: dict | None = None) -> dict[str, np.ndarray]:
     return collate(examples, seq_len, patch_budget, pad_id=self.pad_id, merge_size=self.config.merge_size,
-                   patch_dim=self.config.vision.patch_dim, strength=strength)
+                   patch_dim=self.config.vision.patch_dim, strength=strength, share=share,
+                   layout_sizes=layout_sizes)
+
+
+def pair_share(rows: int) -> list[int | None]:
+  """`share` of a pair batch (chosen rows 0..B-1, rejected B..2B-1): each rejected row reuses the
+  vision of its chosen row, whose images it has."""
+  half = rows // 2
+  return [None] * half + list(range(half))
 
 
 def collate(examples: Sequence[Encoded], seq_len: int, patch_budget: int | None = None, *, pad_id: int = 0,
             merge_size: int = 2, patch_dim: int | None = None,
-            strength: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+            strength: Sequence[float] | None = None, share: Sequence[int | None] | None = None,
+            layout_sizes: dict | None = None) -> dict[str, np.ndarray]:
   """Static-shape batch (right padding). `patch_budget` (a multiple of merge_size**2) bounds the vision
   patches of the whole batch; None = exactly what the examples need. Each image / video frame gets
-  its own vision segment id (1, 2, ...; 0 = padding patch)."""
+  its own vision segment id (1, 2, ...; 0 = padding patch). `share[b] = a`: row b has the vision
+  items of row a (same grids), whose patches and merged tokens it reuses (`pair_share`: a pair's images go
+  through the tower once). Adds the per-item attention layouts and `vision_token_offset`
+  (mrm_jax/models/vision_layout.py; `layout_sizes` fixes their static sizes)."""
   b = len(examples)
   unit = merge_size ** 2
-  total = sum(e.num_patches for e in examples)
+  share = list(share) if share is not None else [None] * b
+  if len(share) != b:
+    raise ValueError(f"share lists {len(share)} rows, the batch has {b}")
+  for i, a in enumerate(share):
+    if a is not None and not np.array_equal(examples[a].grid_thw, examples[i].grid_thw):
+      raise ValueError(f"row {i} shares the vision of row {a} but their vision items differ")
+  total = sum(e.num_patches for e, a in zip(examples, share) if a is None)
   if patch_budget is None:
     patch_budget = total
   if patch_budget % unit:
@@ -426,6 +658,8 @@ def collate(examples: Sequence[Encoded], seq_len: int, patch_budget: int | None 
     batch["input_ids"][i, :e.length] = e.input_ids
     batch["attention_mask"][i, :e.length] = 1
     batch["position_ids"][:, i, :e.length] = e.position_ids
+    if share[i] is not None:
+      continue
     n = e.num_patches
     batch["pixel_values"][p0:p0 + n] = e.pixel_values
     q = p0
@@ -444,4 +678,6 @@ def collate(examples: Sequence[Encoded], seq_len: int, patch_budget: int | None 
     p0 += n
   if strength is not None:
     batch["strength"] = np.asarray(strength, np.float32)
-  return batch
+  tokens = [e.num_patches // unit for e in examples]
+  batch["vision_token_offset"] = vision_layout.token_offsets(tokens, share)
+  return vision_layout.add_layouts(batch, layout_sizes)

@@ -12,8 +12,10 @@ config comes from mrm_jax/models/qwen2_vl.py):
   and undoes the order after the merger. Attention restricted to a set of keys does not depend on their
   order, every other op is per token, and the merger only mixes the patches of one merge unit (which the
   reordering keeps together), so the same result comes from giving each patch the id of its window and
-  masking attention by equal ids, in the processor's patch order. `window_index` is computed on the host
-  exactly as transformers does, and the per-patch `vision_window_segment_ids` derive from it.
+  attending within equal ids, in the processor's patch order: each window is one row of the
+  `vision_windows_*` layout (vision_layout.py), so windows cost their own size, not the full square.
+  `window_index` is computed on the host exactly as transformers does, and the per-patch
+  `vision_window_segment_ids` derive from it.
 - Patch merger: RMSNorm `ln_q` instead of LayerNorm.
 - The LM is the Qwen2-VL decoder unchanged (same weights layout, chunked M-RoPE by `mrope_section`).
 - Video temporal positions in the rope index advance by `tokens_per_second * second_per_grid_ts` per
@@ -82,7 +84,7 @@ class Config(configs.VisionLanguageConfig):
     vision = configs.vision_fields(d, _VISION_KEYS)
     if "fullatt_block_indexes" in vision:
       vision["fullatt_block_indexes"] = tuple(int(i) for i in vision["fullatt_block_indexes"])
-    with configs.hf_config_errors():
+    with configs.hf_config_errors(MODEL_TYPE):
       text = qwen2_vl.parse_text_config(d)
       vision = VisionConfig(**{"out_hidden_size": text.hidden_size, **vision})
       cfg = cls(text=text, vision=vision, **cls.top_fields(d))
@@ -144,6 +146,7 @@ class Backbone(layers.Backbone):
   """`layers.VisionTower` (RMSNorm, biased SwiGLU, window attention) + the Qwen2 decoder."""
 
   vision_keys = ("vision_segment_ids", "vision_pos_ids", "vision_window_segment_ids")
+  vision_layouts = {"items": "vision_items", "windows": "vision_windows"}
 
 
 # ----------------------------------------------------------------------------------------------

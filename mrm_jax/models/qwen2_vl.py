@@ -2,11 +2,11 @@
 
 Vision tower: patch embedding (a Conv3d with stride = kernel, i.e. a matmul over flattened
 `[C*tp*p*p]` patches), 2-D axial rotary, pre-LayerNorm blocks with QuickGELU MLPs, attention
-restricted to each image / video frame (block-diagonal segment mask instead of `cu_seqlens`, so a
-padded patch budget keeps shapes static), and a patch merger (LayerNorm → concatenate merge_size²
-neighbours → MLP). Language model: the Qwen2 decoder (GQA, q/k/v bias, SwiGLU, RMSNorm) with
-multimodal RoPE split by `mrope_section`. Merged vision tokens replace the `<|image_pad|>` /
-`<|video_pad|>` embeddings in order of appearance. See mrm_jax/models/__init__.py for the
+restricted to each image / video frame (transformers' `cu_seqlens`: here each item's patches are
+gathered into one row of a static `[items, width]` grid, see vision_layout.py), and a patch merger
+(LayerNorm → concatenate merge_size² neighbours → MLP). Language model: the Qwen2 decoder (GQA,
+q/k/v bias, SwiGLU, RMSNorm) with multimodal RoPE split by `mrope_section`. Merged vision tokens
+replace the `<|image_pad|>` / `<|video_pad|>` embeddings in order of appearance. See mrm_jax/models/__init__.py for the
 family-module interface this file implements.
 """
 
@@ -115,7 +115,7 @@ class Config(configs.VisionLanguageConfig):
   def from_hf(cls, d: dict) -> "Config":
     """Parses config.json (flat pre-v5 layout, or nested `text_config` / `vision_config`)."""
     vision = configs.vision_fields(d, _VISION_KEYS)
-    with configs.hf_config_errors():
+    with configs.hf_config_errors(MODEL_TYPE):
       text = parse_text_config(d)
       vision = VisionConfig(**{"hidden_size": text.hidden_size, **vision})
       cfg = cls(text=text, vision=vision, **cls.top_fields(d))

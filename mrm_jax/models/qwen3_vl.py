@@ -134,7 +134,7 @@ class Config(configs.VisionLanguageConfig):
     tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings"))
     if tie is not None:
       top["tie_word_embeddings"] = bool(tie)
-    with configs.hf_config_errors():
+    with configs.hf_config_errors(MODEL_TYPE):
       cfg = cls(text=TextConfig(**text), vision=VisionConfig(**vision), **top)
     cfg.validate()
     return cfg
@@ -234,9 +234,11 @@ class VisionTower(nnx.Module):
     self.deepstack_merger_list = nnx.List([PatchMerger(cfg, postshuffle=True, **kw)
                                            for _ in cfg.deepstack_visual_indexes])
 
-  def __call__(self, pixel_values, segment_ids, pos_ids, interp_index, interp_weight):
+  def __call__(self, pixel_values, segment_ids, pos_ids, interp_index, interp_weight, *,
+               items=None):
     """`pixel_values [P, patch_dim]` → (merged tokens `[P / merge², out_hidden]`, deepstack features
-    `[[P / merge², out_hidden]] * len(deepstack_visual_indexes)`)."""
+    `[[P / merge², out_hidden]] * len(deepstack_visual_indexes)`). `items`: per-item attention
+    layout (`common.ItemLayout`); without it, a block-diagonal mask."""
     x = self.patch_embed(pixel_values)
     table = self.pos_embed.embedding[...]
     pos = jnp.sum(jnp.take(table, interp_index, axis=0).astype(jnp.float32)
@@ -250,8 +252,8 @@ class VisionTower(nnx.Module):
         deepstack.append(self.deepstack_merger_list[taps.index(i)](x))
       return x
 
-    x = common.apply_layers(self.blocks, self.remat, x, cos, sin, common.segment_mask(segment_ids),
-                            after=tap)
+    mask = items if items is not None else common.segment_mask(segment_ids)
+    x = common.apply_layers(self.blocks, self.remat, x, cos, sin, mask, after=tap)
     return self.merger(x), deepstack
 
 

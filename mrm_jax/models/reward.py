@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mrm_jax.models.common import Linear
+from mrm_jax.models.common import Linear, resolve_attention
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -30,8 +30,12 @@ class RewardModel(nnx.Module):
 
   def __init__(self, family: ModuleType, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                attention: str | None = None, remat: str = "none", head_init: str = "normal"):
+    """`attention`: "auto" / None (resolved by `common.resolve_attention` for this process's
+    platform and `dtype`), "xla" or "cudnn"."""
     self.family_name = family.MODEL_TYPE
     self.config = config
+    attention = resolve_attention(attention, dtype,
+                                  head_dims=(config.text.head_dim, config.vision.head_dim))
     self.backbone = family.Backbone(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                     attention=attention, remat=remat)
     # LLaMA-Factory initialises the value head with a small normal; "zeros" gives reward 0 everywhere.

@@ -41,9 +41,12 @@ class Checkpointer:
   def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
     ocp = _ocp()
     self.directory = Path(workdir).resolve() / CHECKPOINT_DIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
-                                           enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=async_save
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data")
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -53,8 +56,13 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict | None) -> None:
     ocp = _ocp()
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state or {})), force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+      ),
+      force=True,
+    )
 
   def restore(self, step: int | None, abstract_state) -> tuple[object, dict]:
     """(state, data_state) of `step`, placed on `abstract_state`'s shardings. Without a step: the
@@ -67,41 +75,58 @@ class Checkpointer:
     try:
       return self._restore(step, abstract_state)
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types for damaged files
-      raise UserError(f"{self.step_dir(step)}: checkpoint cannot be restored ({_short(e)})") from None
+      raise UserError(
+        f"{self.step_dir(step)}: checkpoint cannot be restored ({_short(e)})"
+      ) from None
 
   def _restore(self, step: int, abstract_state) -> tuple[object, dict]:
     ocp = _ocp()
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             data=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+      ),
+    )
     return out["state"], dict(out["data"] or {})
 
   def step_dir(self, step: int) -> Path:
     return self.directory / str(step)
 
-  def restore_latest(self, abstract_state, *, set_aside: bool = False) -> tuple[int, object, dict] | None:
+  def restore_latest(
+    self, abstract_state, *, set_aside: bool = False
+  ) -> tuple[int, object, dict] | None:
     """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
 
-    An unreadable step is skipped with a warning naming its directory. `set_aside`: once an older step
-    restored, rename the unreadable newer ones to STEP.unreadable, so that saving those steps again
-    works. When no step restores, a UserError carries the newest one's error (a damaged checkpoint,
+    An unreadable step is skipped with a warning naming its directory. `set_aside`: once an older
+    step restored, rename the unreadable newer ones to STEP.unreadable, so that saving those steps
+    again works. When no step restores, a UserError carries the newest one's error (a damaged
+    checkpoint,
     or a config that no longer matches the saved shapes) and nothing is renamed."""
     failed: list[tuple[int, Exception]] = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
         with _quiet_aborted_reads():
           state, data_state = self._restore(step, abstract_state)
-      except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types for damaged files
+      # noqa: BLE001 - orbax / tensorstore raise many types for damaged files
+      except Exception as e:
         failed.append((step, e))
         continue
       moved = self._set_aside([s for s, _ in failed]) if set_aside and failed else {}
       for bad, e in failed:
-        log.warning("%s: checkpoint cannot be restored (%s); using step %d%s", self.step_dir(bad), _short(e),
-                    step, f"; moved it to {moved[bad]}" if bad in moved else "")
+        log.warning(
+          "%s: checkpoint cannot be restored (%s); using step %d%s",
+          self.step_dir(bad),
+          _short(e),
+          step,
+          f"; moved it to {moved[bad]}" if bad in moved else "",
+        )
       return step, state, data_state
     if failed:
       step, e = failed[0]
-      raise UserError(f"{self.step_dir(step)}: checkpoint cannot be restored ({_short(e)}), "
-                      f"nor any older one in {self.directory}")
+      raise UserError(
+        f"{self.step_dir(step)}: checkpoint cannot be restored ({_short(e)}), "
+        f"nor any older one in {self.directory}"
+      )
     return None
 
   def _set_aside(self, steps: list[int]) -> dict[int, Path]:
@@ -149,6 +174,7 @@ def _quiet_aborted_reads():
   def on_unraisable(u):
     if not noise(u.exc_value):
       unraisable_hook(u)
+
   sys.excepthook, sys.unraisablehook = on_except, on_unraisable
   try:
     yield

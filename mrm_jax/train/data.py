@@ -13,8 +13,8 @@ ones are counted, and the last partial batch is padded by repeating its last pai
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -35,13 +35,20 @@ def data_files(spec: str) -> list[str]:
 def make_processor(cfg, model_path: str | None):
   """The model's processor (tokenizer + chat template + image settings) from its HF directory."""
   if not model_path:
-    raise UserError("training data needs the model's tokenizer: set model.path (or --init_from) to an HF "
-                    "directory holding config.json and the tokenizer files")
+    raise UserError(
+      "training data needs the model's tokenizer: set model.path (or --init_from) to an HF "
+      "directory holding config.json and the tokenizer files"
+    )
   fam, mcfg = hf_io.family_and_config(model_path)
-  return Processor.from_pretrained(model_path, fam, mcfg, min_pixels=cfg.data.min_pixels,
-                                   max_pixels=cfg.data.max_pixels,
-                                   image_preprocess=cfg.data.get("image_preprocess", None),
-                                   template=cfg.data.get("template", None))
+  return Processor.from_pretrained(
+    model_path,
+    fam,
+    mcfg,
+    min_pixels=cfg.data.min_pixels,
+    max_pixels=cfg.data.max_pixels,
+    image_preprocess=cfg.data.get("image_preprocess", None),
+    template=cfg.data.get("template", None),
+  )
 
 
 def _entries(cfg, spec: str):
@@ -51,7 +58,9 @@ def _entries(cfg, spec: str):
   entries = []
   for f in files:
     if f.startswith("tfds:"):
-      raise UserError(f"{f}: TFDS datasets are read through `mrm-jax convert` first; give the pair file here")
+      raise UserError(
+        f"{f}: TFDS datasets are read through `mrm-jax convert` first; give the pair file here"
+      )
     entries += pl.load_entries(f, cfg.data.image_root or None)
   return entries
 
@@ -75,15 +84,33 @@ class TrainData:
     lengths = None
     if group > 1:
       lengths = estimate_lengths(self.entries, processor)
-      log.info("length-grouped batches: %d pairs, groups of %d batches, estimated tokens %d..%d",
-               len(lengths), group, int(lengths.min()), int(lengths.max()))
+      log.info(
+        "length-grouped batches: %d pairs, groups of %d batches, estimated tokens %d..%d",
+        len(lengths),
+        group,
+        int(lengths.min()),
+        int(lengths.max()),
+      )
     self.pipeline = pl.PairPipeline(
-        self.entries, encode_fn=processor.encode, collate_fn=processor.collate,
-        length_fn=lambda e: e.length, patches_fn=lambda e: e.num_patches, batch_size=micro,
-        seq_lens=seq_lens(cfg), patch_budgets=patch_budgets(cfg), seed=int(cfg.seed),
-        shuffle=bool(cfg.data.shuffle), num_epochs=None, process_index=0, process_count=1,
-        max_skip_rate=cfg.data.max_skip_rate, num_parallel_calls=cfg.data.num_workers,
-        lengths=lengths, group_batches=group, share_vision=True)
+      self.entries,
+      encode_fn=processor.encode,
+      collate_fn=processor.collate,
+      length_fn=lambda e: e.length,
+      patches_fn=lambda e: e.num_patches,
+      batch_size=micro,
+      seq_lens=seq_lens(cfg),
+      patch_budgets=patch_budgets(cfg),
+      seed=int(cfg.seed),
+      shuffle=bool(cfg.data.shuffle),
+      num_epochs=None,
+      process_index=0,
+      process_count=1,
+      max_skip_rate=cfg.data.max_skip_rate,
+      num_parallel_calls=cfg.data.num_workers,
+      lengths=lengths,
+      group_batches=group,
+      share_vision=True,
+    )
 
   def steps_per_epoch(self, grad_accum: int = 1) -> int:
     return max(1, len(self.entries) // (self.micro_batch * max(1, grad_accum)))
@@ -114,10 +141,15 @@ def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
       c, r = pair_to_scoring(pair)
       chosen = processor.encode(c, entry.image_root, max_len, entry.where)
       # the pair's images once: the rejected response reuses the chosen one's processed images
-      return (chosen, processor.encode(r, entry.image_root, max_len, entry.where, vision=chosen),
-              float(pair.get("strength") or 0.0))
+      return (
+        chosen,
+        processor.encode(r, entry.image_root, max_len, entry.where, vision=chosen),
+        float(pair.get("strength") or 0.0),
+      )
     except pl.BAD_INPUT_ERRORS as e:
-      log.warning("eval: skipping record %s", e if isinstance(e, UserError) else f"{entry.where}: {e}")
+      log.warning(
+        "eval: skipping record %s", e if isinstance(e, UserError) else f"{entry.where}: {e}"
+      )
       return None
 
   def emit(items, real):
@@ -173,9 +205,14 @@ def _image_tokens(path, settings: dict) -> int:
   with Image.open(path) as im:  # reads the header only
     width, height = im.size
   patch, merge = int(settings["patch_size"]), int(settings["merge_size"])
-  h, w = smart_resize(height, width, factor=patch * merge, min_pixels=int(settings["min_pixels"]),
-                      max_pixels=int(settings["max_pixels"]))
-  return (h // patch) * (w // patch) // merge ** 2
+  h, w = smart_resize(
+    height,
+    width,
+    factor=patch * merge,
+    min_pixels=int(settings["min_pixels"]),
+    max_pixels=int(settings["max_pixels"]),
+  )
+  return (h // patch) * (w // patch) // merge**2
 
 
 def estimate_lengths(entries, processor) -> np.ndarray:

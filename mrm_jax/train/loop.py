@@ -18,8 +18,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import ml_collections
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "MRM_JAX_FAULT_KILL_AT_STEP"  # tests: SIGKILL this process right after that step
 
 
-# -- model -------------------------------------------------------------------------------------------
+# -- model -----------------------------------------------------------------------------------------
 
 
 def _attention(cfg) -> str | None:
@@ -59,8 +59,9 @@ class ModelSpec:
   def __init__(self, cfg, init_from: str | None = None):
     self.cfg = cfg
     self.path = init_from or cfg.model.path or ""
-    self.kw = dict(dtype=cfg.model.dtype, param_dtype="float32", attention=_attention(cfg),
-                   remat=cfg.model.remat)
+    self.kw = dict(
+      dtype=cfg.model.dtype, param_dtype="float32", attention=_attention(cfg), remat=cfg.model.remat
+    )
     if self.path:
       fam, self.model_config = hf_io.family_and_config(self.path)
       self.family = fam.MODEL_TYPE
@@ -68,12 +69,15 @@ class ModelSpec:
       fam = get_family(cfg.model.family)
       self.family = fam.MODEL_TYPE
       if cfg.model.preset not in fam.PRESETS:
-        raise UserError(f"unknown model.preset '{cfg.model.preset}' for {self.family} "
-                        f"(known: {', '.join(fam.PRESETS)})")
+        raise UserError(
+          f"unknown model.preset '{cfg.model.preset}' for {self.family} "
+          f"(known: {', '.join(fam.PRESETS)})"
+        )
       self.model_config = fam.PRESETS[cfg.model.preset]
 
   def has_weights(self) -> bool:
-    """An HF directory may hold only config + tokenizer (the demo world's): then weights are random."""
+    """An HF directory may hold only config + tokenizer (the demo world's): then weights are
+    random."""
     if not self.path:
       return False
     try:
@@ -82,7 +86,6 @@ class ModelSpec:
       return False
 
   def create(self, seed: int):
-
     return create_reward_model(self.family, self.model_config, nnx.Rngs(seed), **self.kw)
 
   def load(self):
@@ -90,25 +93,38 @@ class ModelSpec:
     return model
 
 
-# -- state -------------------------------------------------------------------------------------------
+# -- state -----------------------------------------------------------------------------------------
 
 
 def _state_shardings(trainer_tx, params, frozen, rest, mesh):
-
   ps = shd.state_shardings(params, mesh)
   repl = shd.replicated(mesh)
   opt_abstract = jax.eval_shape(trainer_tx.init, params)
-  opt_sh = optax.tree_map_params(trainer_tx, lambda _, s: s, opt_abstract, ps,
-                                 transform_non_params=lambda _: repl)
-  return {"step": repl, "params": ps, "frozen": shd.state_shardings(frozen, mesh),
-          "rest": shd.state_shardings(rest, mesh), "opt_state": opt_sh, "rng": repl}
+  opt_sh = optax.tree_map_params(
+    trainer_tx, lambda _, s: s, opt_abstract, ps, transform_non_params=lambda _: repl
+  )
+  return {
+    "step": repl,
+    "params": ps,
+    "frozen": shd.state_shardings(frozen, mesh),
+    "rest": shd.state_shardings(rest, mesh),
+    "opt_state": opt_sh,
+    "rng": repl,
+  }
 
 
 class Setup:
   """Mesh, model graph, optimizer, shardings and the jitted steps of a run."""
 
-  def __init__(self, cfg, *, num_steps: int, model_factory: Callable | None = None, init_from: str | None = None,
-               devices=None):
+  def __init__(
+    self,
+    cfg,
+    *,
+    num_steps: int,
+    model_factory: Callable | None = None,
+    init_from: str | None = None,
+    devices=None,
+  ):
 
     self.cfg = cfg
     self.mesh = shd.make_mesh(cfg.mesh, devices)
@@ -121,9 +137,16 @@ class Setup:
     tx, schedule = make_optimizer(cfg.train, num_steps)
     self.shardings = _state_shardings(tx, a_params, a_frozen, a_rest, self.mesh)
     self.abstract_parts = (a_params, a_frozen, a_rest)
-    self.trainer = Trainer(self.graphdef, tx, schedule, mesh=self.mesh, state_sharding=self.shardings,
-                           grad_accum=cfg.train.grad_accum, margin_scale=cfg.loss.margin_scale,
-                           center_weight=cfg.loss.center_weight)
+    self.trainer = Trainer(
+      self.graphdef,
+      tx,
+      schedule,
+      mesh=self.mesh,
+      state_sharding=self.shardings,
+      grad_accum=cfg.train.grad_accum,
+      margin_scale=cfg.loss.margin_scale,
+      center_weight=cfg.loss.center_weight,
+    )
 
   def abstract_state(self):
     return self.trainer.abstract_state(*self.abstract_parts)
@@ -135,10 +158,12 @@ class Setup:
     sh = self.shardings
     freeze = bool(self.cfg.model.freeze_vision)
     if from_model is None:
+
       def init():
         with nnx.use_eager_sharding(False):
           _, p, f, r = split_model(self.create(seed), freeze)
         return p, f, r
+
       p, f, r = jax.jit(init, out_shardings=(sh["params"], sh["frozen"], sh["rest"]))()
     else:
       _, p, f, r = split_model(from_model, freeze)
@@ -149,7 +174,7 @@ class Setup:
     return nnx.merge(self.graphdef, state["params"], state["frozen"], state["rest"])
 
 
-# -- data --------------------------------------------------------------------------------------------
+# -- data ------------------------------------------------------------------------------------------
 
 
 def _stack_micro(batches: list[dict]) -> dict:
@@ -161,7 +186,7 @@ def _stack_micro(batches: list[dict]) -> dict:
   return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
 
-# -- the loop ----------------------------------------------------------------------------------------
+# -- the loop --------------------------------------------------------------------------------------
 
 
 def _to_float(tree) -> dict:
@@ -169,8 +194,9 @@ def _to_float(tree) -> dict:
 
 
 def _model_flops_spec(setup: Setup, state) -> dict:
-  """Parameter counts and attention dims for MFU (see metrics.step_flops)."""
-
+  """Parameter counts and attention dims for MFU (see metrics.step_flops), and the vision
+  placeholder ids: FLOPs count each row's images, as the peer does, though a pair's two rows
+  share one pass of the vision tower."""
   counts = {"lm": 0, "vis": 0}
   model_state = nnx.state(setup.abstract_model, nnx.Param)
   for path, v in nnx.to_flat_state(model_state):
@@ -179,8 +205,15 @@ def _model_flops_spec(setup: Setup, state) -> dict:
       counts["vis"] += size
     elif not any("embed_tokens" in str(p) or str(p) == "embedding" for p in path):
       counts["lm"] += size
-  mc = getattr(setup.spec, "model_config", None)
-  spec = {"n_lm": counts["lm"], "n_vis": counts["vis"], "vision_trained": not setup.cfg.model.freeze_vision}
+  mc = getattr(setup.abstract_model, "config", None)
+  spec = {
+    "n_lm": counts["lm"],
+    "n_vis": counts["vis"],
+    "vision_trained": not setup.cfg.model.freeze_vision,
+  }
+  if getattr(mc, "merge_size", None):
+    spec["vision_token_ids"] = (int(mc.image_token_id), int(mc.video_token_id))
+    spec["patches_per_token"] = int(mc.merge_size) ** 2
   text = getattr(mc, "text", mc)
   vis = getattr(mc, "vision", None)
   for obj, prefix in ((text, "lm"), (vis, "vis")):
@@ -223,8 +256,13 @@ class _Throughput:
   def add(self, host: dict, micro: int) -> None:
     mask = host.get("attention_mask")
     self.tokens += int(mask.sum()) if mask is not None else host["input_ids"].size
-    seg = host.get("vision_segment_ids")
-    patches = int((seg > 0).sum()) if seg is not None else 0
+    ids = self.flops_spec.get("vision_token_ids")
+    if ids:
+      vision_tokens = int(np.isin(host["input_ids"], ids).sum())
+      patches = vision_tokens * self.flops_spec["patches_per_token"]
+    else:
+      seg = host.get("vision_segment_ids")
+      patches = int((seg > 0).sum()) if seg is not None else 0
     rows, seq = host["input_ids"].shape[-2:]
     self.flops += micro * mx.step_flops(self.flops_spec, rows, seq, patches // micro)
     self.steps += 1
@@ -256,13 +294,19 @@ def _step_batches(train_data, micro: int):
 
 def _num_steps(tc, train_data) -> int:
   if tc.batch_size % max(1, tc.grad_accum):
-    raise UserError(f"train.batch_size {tc.batch_size} is not divisible by train.grad_accum "
-                    f"{tc.grad_accum}")
+    raise UserError(
+      f"train.batch_size {tc.batch_size} is not divisible by train.grad_accum {tc.grad_accum}"
+    )
   if tc.get("num_epochs", 0) and hasattr(train_data, "steps_per_epoch"):
     per_epoch = train_data.steps_per_epoch(tc.grad_accum)
     num_steps = int(math.ceil(tc.num_epochs * per_epoch))
-    log.info("%g epochs of %d steps: %d steps (train.num_epochs overrides train.num_steps; set it "
-             "to 0 to count steps)", tc.num_epochs, per_epoch, num_steps)
+    log.info(
+      "%g epochs of %d steps: %d steps (train.num_epochs overrides train.num_steps; set it "
+      "to 0 to count steps)",
+      tc.num_epochs,
+      per_epoch,
+      num_steps,
+    )
     return num_steps
   return int(tc.num_steps)
 
@@ -288,15 +332,25 @@ def _checked_loss(step: int, metrics: dict, ckpt: Checkpointer) -> float:
   loss = float(metrics["loss"])
   if not math.isfinite(loss):
     good = ckpt.latest_step()
-    where = f"is step {good} in {ckpt.directory}" if good is not None else \
-        "does not exist (none saved yet)"
+    where = (
+      f"is step {good} in {ckpt.directory}"
+      if good is not None
+      else "does not exist (none saved yet)"
+    )
     raise UserError(f"step {step}: loss is {loss}; stopping. The last good checkpoint {where}")
   return loss
 
 
-def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None,
-          model_factory: Callable | None = None, data_factory: Callable | None = None,
-          progress: bool = True, devices=None) -> dict:
+def train(
+  cfg,
+  workdir: str | os.PathLike,
+  *,
+  init_from: str | None = None,
+  model_factory: Callable | None = None,
+  data_factory: Callable | None = None,
+  progress: bool = True,
+  devices=None,
+) -> dict:
   """Trains (or resumes) a reward model in `workdir`; returns a summary dict.
 
   `model_factory(seed) -> RewardModel` and `data_factory(cfg, split, model_path)` replace the
@@ -314,23 +368,36 @@ def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None,
   model_path = init_from or cfg.model.path or None
   train_data = data_factory(cfg, "train", model_path)
   num_steps = _num_steps(tc, train_data)
-  setup = Setup(cfg, num_steps=num_steps, model_factory=model_factory, init_from=init_from,
-                devices=devices)
+  setup = Setup(
+    cfg, num_steps=num_steps, model_factory=model_factory, init_from=init_from, devices=devices
+  )
   primary = jax.process_index() == 0
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
   state, resumed_from = _restore_or_init(setup, ckpt, train_data)
   start = int(jax.device_get(state["step"]))
   if primary:
     params, frozen = setup.abstract_parts[:2]
-    write_manifest(workdir / "manifest.json", build_manifest(cfg, workdir=workdir, mesh=setup.mesh, extra={
-        "num_steps": num_steps, "resumed_from": resumed_from,
-        "init_from": str(Path(model_path).resolve()) if model_path else None,
-        "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves((params, frozen))),
-        "num_trainable_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
-    }))
+    write_manifest(
+      workdir / "manifest.json",
+      build_manifest(
+        cfg,
+        workdir=workdir,
+        mesh=setup.mesh,
+        extra={
+          "num_steps": num_steps,
+          "resumed_from": resumed_from,
+          "init_from": str(Path(model_path).resolve()) if model_path else None,
+          "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves((params, frozen))),
+          "num_trainable_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+        },
+      ),
+    )
   metrics_log = mx.MetricsLog(workdir / "metrics.jsonl", resume_step=start, enabled=primary)
-  tb = mx.TensorBoardWriter(workdir / "tensorboard") if primary and tc.get("tensorboard", True) \
-      else None
+  tb = (
+    mx.TensorBoardWriter(workdir / "tensorboard")
+    if primary and tc.get("tensorboard", True)
+    else None
+  )
   peak = tc.get("peak_flops", 0.0) or mx.peak_flops_per_device(setup.mesh.devices.flat[0])
   throughput = _Throughput(_model_flops_spec(setup, state), peak, setup.mesh.devices.size)
   fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
@@ -344,13 +411,20 @@ def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None,
     if tb:
       tb.scalars(step, result, prefix="eval/")
     if primary:
-      log.info("eval @ step %d: loss %.4f  accuracy %.4f  (%d pairs)", step,
-               result.get("loss", float("nan")), result.get("accuracy", float("nan")),
-               result.get("count", 0))
+      log.info(
+        "eval @ step %d: loss %.4f  accuracy %.4f  (%d pairs)",
+        step,
+        result.get("loss", float("nan")),
+        result.get("accuracy", float("nan")),
+        result.get("count", 0),
+      )
     return result
 
-  bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-             leave=False) if primary and progress else None
+  bar = (
+    tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False)
+    if primary and progress
+    else None
+  )
 
   def show_loss(step: int, metrics: dict) -> None:
     loss = _checked_loss(step, metrics, ckpt)
@@ -412,25 +486,27 @@ def train(cfg, workdir: str | os.PathLike, *, init_from: str | None = None,
     if tb:
       tb.close()
   return {
-      "workdir": str(workdir),
-      "steps": num_steps,
-      "resumed_from": resumed_from,
-      "loss": last.get("loss"),
-      "accuracy": last.get("accuracy"),
-      "eval": last_eval,
-      "checkpoint": str(ckpt.directory / str(num_steps)),
-      "seconds": round(time.time() - t_start, 3),
+    "workdir": str(workdir),
+    "steps": num_steps,
+    "resumed_from": resumed_from,
+    "loss": last.get("loss"),
+    "accuracy": last.get("accuracy"),
+    "eval": last_eval,
+    "checkpoint": str(ckpt.directory / str(num_steps)),
+    "seconds": round(time.time() - t_start, 3),
   }
 
 
-# -- loading a trained model ---------------------------------------------------------------------------
+# -- loading a trained model -----------------------------------------------------------------------
 
 
-def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: str | None = None,
-                            devices=None):
-  """`(model, cfg)`: the reward model of a training workdir's latest (or given) checkpoint, rebuilt from
-  the config in its manifest; for `mrm-jax export` / `score`. The processor comes from `cfg.model.path`
-  (or the run's `init_from`) when the run started from an HF directory. `devices` restricts the mesh the
+def load_model_from_workdir(
+  workdir: str | os.PathLike, step: int | None = None, *, dtype: str | None = None, devices=None
+):
+  """`(model, cfg)`: the reward model of a training workdir's latest (or given) checkpoint, rebuilt
+  from the config in its manifest; for `mrm-jax export` / `score`. The processor comes from
+  `cfg.model.path` (or the run's `init_from`) when the run started from an HF directory. `devices`
+  restricts the mesh the
   parameters are restored onto (default: all devices; `curate run` scores on one local device)."""
 
   workdir = Path(workdir)
@@ -448,8 +524,12 @@ def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None,
   ckpt = Checkpointer(workdir, keep=max(1, cfg.train.keep_checkpoints))
   if ckpt.latest_step() is None:
     raise UserError(f"{workdir}: no checkpoint found under {ckpt.directory}")
-  setup = Setup(cfg, num_steps=int(man.get("num_steps") or cfg.train.num_steps), init_from=init_from,
-                devices=devices)
+  setup = Setup(
+    cfg,
+    num_steps=int(man.get("num_steps") or cfg.train.num_steps),
+    init_from=init_from,
+    devices=devices,
+  )
   state, _ = ckpt.restore(step, setup.abstract_state())
   ckpt.close()
   cfg.model.path = init_from or cfg.model.path

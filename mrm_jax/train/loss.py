@@ -19,8 +19,14 @@ def split_pair_rewards(rewards: jax.Array) -> tuple[jax.Array, jax.Array]:
   return rewards[:b], rewards[b:]
 
 
-def pair_loss(rewards: jax.Array, strength: jax.Array | None = None, *, margin_scale: float = 0.0,
-              center_weight: float = 0.0, weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def pair_loss(
+  rewards: jax.Array,
+  strength: jax.Array | None = None,
+  *,
+  margin_scale: float = 0.0,
+  center_weight: float = 0.0,
+  weights: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
   """Returns (loss, metrics) for rewards [2B]. `weights` [B] (1 = real pair, 0 = padding) lets
   evaluation pad a last partial batch without biasing the means."""
   chosen, rejected = split_pair_rewards(rewards)
@@ -34,10 +40,10 @@ def pair_loss(rewards: jax.Array, strength: jax.Array | None = None, *, margin_s
   n = jnp.maximum(jnp.sum(w), 1.0)
   loss = jnp.sum(per_pair * w) / n
   metrics = {
-      "loss": loss,
-      "accuracy": jnp.sum((chosen > rejected).astype(jnp.float32) * w) / n,  # ties are wrong
-      "reward_margin": jnp.sum((chosen - rejected) * w) / n,
-      "reward_chosen": jnp.sum(chosen * w) / n,
-      "reward_rejected": jnp.sum(rejected * w) / n,
+    "loss": loss,
+    "accuracy": jnp.sum((chosen > rejected).astype(jnp.float32) * w) / n,  # ties are wrong
+    "reward_margin": jnp.sum((chosen - rejected) * w) / n,
+    "reward_chosen": jnp.sum(chosen * w) / n,
+    "reward_rejected": jnp.sum(rejected * w) / n,
   }
   return loss, metrics

@@ -16,8 +16,21 @@ import jax
 from mrm_jax.config import config_to_dict
 from mrm_jax.io import write_json
 
-PACKAGES = ("mrm-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "transformers",
-            "tokenizers", "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "ml_collections")
+PACKAGES = (
+  "mrm-jax",
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "numpy",
+  "transformers",
+  "tokenizers",
+  "tensorflow",
+  "tensorflow-cpu",
+  "tensorflow-datasets",
+  "ml_collections",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -34,11 +47,18 @@ def git_revision() -> dict | None:
   """HEAD of the repository holding this package, and whether the tree had local changes."""
   root = Path(__file__).resolve().parents[2]
   try:
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    rev = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+    )
     if rev.returncode:
       return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=10,
+    )
     return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
   except (OSError, subprocess.SubprocessError):
     return None
@@ -61,26 +81,32 @@ def data_fingerprints(*specs: str) -> dict[str, str]:
       if not item:
         continue
       p = Path(item)
-      out[item] = sha256_file(p) if p.is_file() else ("tfds" if item.startswith("tfds:") else "not a file")
+      out[item] = (
+        sha256_file(p) if p.is_file() else ("tfds" if item.startswith("tfds:") else "not a file")
+      )
   return out
 
 
 def build_manifest(cfg, *, workdir, mesh, extra: dict | None = None) -> dict:
   return {
-      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-      "command": sys.argv,
-      "config": config_to_dict(cfg),
-      "seeds": {"seed": int(cfg.seed)},
-      "packages": package_versions(),
-      "python": platform.python_version(),
-      "git": git_revision(),
-      "data": data_fingerprints(cfg.data.train, cfg.data.eval),
-      "devices": {"platform": jax.default_backend(), "count": jax.device_count(),
-                  "kind": jax.devices()[0].device_kind, "processes": jax.process_count()},
-      "mesh": dict(mesh.shape),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "workdir": str(Path(workdir).resolve()),
-      **(extra or {}),
+    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "command": sys.argv,
+    "config": config_to_dict(cfg),
+    "seeds": {"seed": int(cfg.seed)},
+    "packages": package_versions(),
+    "python": platform.python_version(),
+    "git": git_revision(),
+    "data": data_fingerprints(cfg.data.train, cfg.data.eval),
+    "devices": {
+      "platform": jax.default_backend(),
+      "count": jax.device_count(),
+      "kind": jax.devices()[0].device_kind,
+      "processes": jax.process_count(),
+    },
+    "mesh": dict(mesh.shape),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "workdir": str(Path(workdir).resolve()),
+    **(extra or {}),
   }
 
 

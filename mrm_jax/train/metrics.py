@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from mrm_jax.io import AppendLog
+from mrm_jax.io import AppendLog, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +28,16 @@ class MetricsLog:
     keep = [r for r in log.records if int(r.get("step", 0)) <= resume_step]
     log.close()
     if len(keep) != len(log.records):
-      from mrm_jax.io import write_jsonl
       write_jsonl(self.path, keep)
     self._log = AppendLog(self.path)
 
   def write(self, record: dict) -> None:
     if self.enabled:
-      # A diverging metric (an infinite grad norm, say) is worth a record, not a stopped run: JSON has
-      # no NaN or Infinity, so it is written as null.
-      self._log.append({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                        for k, v in record.items()})
+      # A diverging metric (an infinite grad norm, say) is worth a record, not a stopped run: JSON
+      # has no NaN or Infinity, so it is written as null.
+      self._log.append(
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+      )
 
   def close(self) -> None:
     if self.enabled:
@@ -54,7 +54,7 @@ class TensorBoardWriter:
 
   def __init__(self, logdir: str | os.PathLike):
     try:  # here, not at the top: TensorFlow is optional for training and slow to import
-      import tensorflow as tf
+      import tensorflow as tf  # noqa: PLC0415
     except ImportError:
       log.warning("TensorFlow is not importable: no TensorBoard events (metrics.jsonl is written)")
       self._tf = self._writer = None
@@ -63,18 +63,20 @@ class TensorBoardWriter:
     self._writer = tf.summary.create_file_writer(str(logdir))
     # What tensorboard's tf.summary.scalar writes, without needing the tensorboard package.
     self._metadata = tf.compat.v1.SummaryMetadata(
-        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=1)  # DATA_CLASS_SCALAR
+      plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"), data_class=1
+    )  # DATA_CLASS_SCALAR
 
   def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-    vals = {prefix + k: v for k, v in values.items()
-            if isinstance(v, (int, float)) and math.isfinite(v)}
+    vals = {
+      prefix + k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)
+    }
     if self._writer is None or not vals:
       return
     with self._writer.as_default(step=step):
       for tag, value in vals.items():
-        self._tf.summary.write(tag, self._tf.constant(float(value), self._tf.float32),
-                               metadata=self._metadata)
+        self._tf.summary.write(
+          tag, self._tf.constant(float(value), self._tf.float32), metadata=self._metadata
+        )
     self._writer.flush()
 
   def close(self) -> None:
@@ -82,14 +84,23 @@ class TensorBoardWriter:
       self._writer.close()
 
 
-# -- model FLOPs / MFU --------------------------------------------------------------------------------
+# -- model FLOPs / MFU -----------------------------------------------------------------------------
 
 # Dense bf16 peak per chip (vendor figures; H100/H200 use the 790 TFLOP/s matmul rate measured in
 # shared/bench so MFU is comparable with the PyTorch peer numbers).
 PEAK_FLOPS = {
-    "h200": 790e12, "h100": 790e12, "a100": 312e12, "l4": 121e12, "b200": 2250e12,
-    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
-    "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+  "h200": 790e12,
+  "h100": 790e12,
+  "a100": 312e12,
+  "l4": 121e12,
+  "b200": 2250e12,
+  "tpu v4": 275e12,
+  "tpu v5 lite": 197e12,
+  "tpu v5e": 197e12,
+  "tpu v5p": 459e12,
+  "tpu v5": 459e12,
+  "tpu v6 lite": 918e12,
+  "tpu v6e": 918e12,
 }
 
 
@@ -112,17 +123,37 @@ def step_flops(spec: dict, rows: int, seq_len: int, patches: int) -> float:
   """
   tokens = rows * seq_len
   vis_mult = 6 if spec.get("vision_trained") else 2
-  attn_lm = spec.get("lm_layers", 0) * 2 * 2 * seq_len * seq_len * spec.get("lm_attn_dim", 0) * rows * 3
+  attn_lm = (
+    spec.get("lm_layers", 0) * 2 * 2 * seq_len * seq_len * spec.get("lm_attn_dim", 0) * rows * 3
+  )
   per_image = patches / rows if rows else 0
-  attn_vis = (spec.get("vis_layers", 0) * 2 * 2 * per_image * per_image * spec.get("vis_attn_dim", 0) * rows
-              * (3 if spec.get("vision_trained") else 1))
-  return 6 * spec.get("n_lm", 0) * tokens + vis_mult * spec.get("n_vis", 0) * patches + attn_lm + attn_vis
+  attn_vis = (
+    spec.get("vis_layers", 0)
+    * 2
+    * 2
+    * per_image
+    * per_image
+    * spec.get("vis_attn_dim", 0)
+    * rows
+    * (3 if spec.get("vision_trained") else 1)
+  )
+  return (
+    6 * spec.get("n_lm", 0) * tokens
+    + vis_mult * spec.get("n_vis", 0) * patches
+    + attn_lm
+    + attn_vis
+  )
 
 
 def format_console(step: int, total: int, m: dict) -> str:
-  parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"acc {m['accuracy']:.3f}",
-           f"margin {m.get('reward_margin', 0.0):+.3f}", f"gnorm {m.get('grad_norm', 0.0):.3f}",
-           f"lr {m['learning_rate']:.2e}"]
+  parts = [
+    f"step {step}/{total}",
+    f"loss {m['loss']:.4f}",
+    f"acc {m['accuracy']:.3f}",
+    f"margin {m.get('reward_margin', 0.0):+.3f}",
+    f"gnorm {m.get('grad_norm', 0.0):.3f}",
+    f"lr {m['learning_rate']:.2e}",
+  ]
   if m.get("tokens_per_s"):
     parts.append(f"{m['tokens_per_s']:.0f} tok/s")
   if m.get("mfu") is not None:
@@ -138,5 +169,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["MetricsLog", "TensorBoardWriter", "step_flops", "peak_flops_per_device", "format_console",
-           "read_metrics"]
+__all__ = [
+  "MetricsLog",
+  "TensorBoardWriter",
+  "step_flops",
+  "peak_flops_per_device",
+  "format_console",
+  "read_metrics",
+]

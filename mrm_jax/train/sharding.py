@@ -10,11 +10,13 @@ failing, so tiny test models and odd head counts run on any mesh.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mrm_jax.errors import UserError
@@ -25,16 +27,16 @@ BATCH_AXES = ("data", "fsdp")  # the batch (row) dimension is split over both
 # logical name -> mesh axis (or None = replicated). FSDP shards the model dimension of every
 # weight; tensor parallelism splits heads and the MLP/vocabulary dimension (Megatron layout).
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": BATCH_AXES,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "vision_embed": "fsdp",
-    "vision_mlp": "tensor",
-    "vision_heads": "tensor",
+  "batch": BATCH_AXES,
+  "vocab": "tensor",
+  "embed": "fsdp",
+  "mlp": "tensor",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "head_dim": None,
+  "vision_embed": "fsdp",
+  "vision_mlp": "tensor",
+  "vision_heads": "tensor",
 }
 
 
@@ -49,28 +51,36 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int,
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if num_devices % known:
-      raise UserError(f"mesh: {num_devices} devices cannot be split into {dict(zip(MESH_AXES, sizes))}")
+      raise UserError(
+        f"mesh: {num_devices} devices cannot be split into {dict(zip(MESH_AXES, sizes))}"
+      )
     sizes[fill[0]] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise UserError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                    f"but {num_devices} are available")
+    raise UserError(
+      f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+      f"but {num_devices} are available"
+    )
   return tuple(sizes)
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-  """A `Mesh(("data","fsdp","tensor"))` over all (or the given) devices, topology-aware when possible."""
+  """A `Mesh(("data","fsdp","tensor"))` over all (or the given) devices, topology-aware when
+  possible."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # unusual topologies: plain order (processes stay contiguous)
     grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Any] = LOGICAL_RULES) -> PartitionSpec:
+def logical_to_spec(
+  names: Sequence[str | None] | None,
+  shape: Sequence[int],
+  mesh: Mesh,
+  rules: Mapping[str, Any] = LOGICAL_RULES,
+) -> PartitionSpec:
   """PartitionSpec for one array: each logical name mapped by `rules`, a mesh axis used at most
   once, and any dimension not divisible by its mesh axes replicated."""
   if not names:
@@ -137,7 +147,10 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, leading: int = 0) -> d
   out = {}
   for k, v in batch.items():
     shape = np.shape(v)
-    if k in ("input_ids", "attention_mask", "position_ids", "strength", "token_type_ids") or k in ROW_AXIS:
+    if (
+      k in ("input_ids", "attention_mask", "position_ids", "strength", "token_type_ids")
+      or k in ROW_AXIS
+    ):
       out[k] = NamedSharding(mesh, batch_spec(shape, mesh, leading + ROW_AXIS.get(k, 0)))
     else:
       out[k] = NamedSharding(mesh, PartitionSpec())

@@ -13,7 +13,7 @@ averaged over micro-batches with `lax.scan`, so accumulation costs no extra memo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,6 @@ def is_vision_path(path) -> bool:
 
 
 def trainable_filter(freeze_vision: bool) -> Callable:
-
   def f(path, value):
     return isinstance(value, nnx.Param) and not (freeze_vision and is_vision_path(path))
 
@@ -49,17 +48,32 @@ def split_model(model, freeze_vision: bool):
 
 
 def new_state(tx: optax.GradientTransformation, params, frozen, rest, seed: int) -> dict:
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "rest": rest,
-          "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(seed))}
+  return {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "frozen": frozen,
+    "rest": rest,
+    "opt_state": tx.init(params),
+    "rng": jax.random.key_data(jax.random.key(seed)),
+  }
 
 
 class Trainer:
   """Holds the static parts of training (graph, optimizer, loss settings, mesh) and the
   jitted `train_step` / `eval_step` built from them."""
 
-  def __init__(self, graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-               mesh, state_sharding, grad_accum: int = 1, margin_scale: float = 0.0,
-               center_weight: float = 0.0):
+  def __init__(
+    self,
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    mesh,
+    state_sharding,
+    grad_accum: int = 1,
+    margin_scale: float = 0.0,
+    center_weight: float = 0.0,
+  ):
     self.graphdef = graphdef
     self.tx = tx
     self.schedule = schedule
@@ -69,8 +83,9 @@ class Trainer:
     self.margin_scale = float(margin_scale)
     self.center_weight = float(center_weight)
     repl = shd.replicated(mesh)
-    self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
-                              out_shardings=(state_sharding, repl))
+    self.train_step = jax.jit(
+      self._train_step, donate_argnums=(0,), out_shardings=(state_sharding, repl)
+    )
     self.eval_step = jax.jit(self._eval_step, out_shardings=repl)
 
   # -- state -----------------------------------------------------------------------------------
@@ -82,8 +97,9 @@ class Trainer:
   def abstract_state(self, params, frozen, rest) -> dict:
     """ShapeDtypeStructs of the train state carrying the target shardings (restore target)."""
     shaped = jax.eval_shape(lambda p, f, r: new_state(self.tx, p, f, r, 0), params, frozen, rest)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shaped,
-                        self.state_sharding)
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shaped, self.state_sharding
+    )
 
   # -- steps -----------------------------------------------------------------------------------
   def _rewards(self, params, frozen, rest, batch):
@@ -93,8 +109,12 @@ class Trainer:
   def _micro(self, params, frozen, rest, batch):
     def loss_fn(p):
       rewards = self._rewards(p, frozen, rest, batch)
-      return pair_loss(rewards, batch.get("strength"), margin_scale=self.margin_scale,
-                       center_weight=self.center_weight)
+      return pair_loss(
+        rewards,
+        batch.get("strength"),
+        margin_scale=self.margin_scale,
+        center_weight=self.center_weight,
+      )
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, metrics
@@ -105,6 +125,7 @@ class Trainer:
     if k == 1:
       grads, metrics = self._micro(params, frozen, rest, jax.tree.map(lambda x: x[0], batch))
     else:
+
       def body(acc, mb):
         g, m = self._micro(params, frozen, rest, mb)
         return jax.tree.map(jnp.add, acc, g), m
@@ -126,8 +147,13 @@ class Trainer:
     a whole eval set whose last batch is padded (`pair_mask` [B], 1 = real pair)."""
     rewards = self._rewards(state["params"], state["frozen"], state["rest"], batch)
     w = batch.get("pair_mask")
-    _, m = pair_loss(rewards, batch.get("strength"), margin_scale=self.margin_scale,
-                     center_weight=self.center_weight, weights=w)
+    _, m = pair_loss(
+      rewards,
+      batch.get("strength"),
+      margin_scale=self.margin_scale,
+      center_weight=self.center_weight,
+      weights=w,
+    )
     n = jnp.sum(w.astype(jnp.float32)) if w is not None else jnp.float32(rewards.shape[0] // 2)
     out = {k: v * n for k, v in m.items()}
     out["count"] = n
