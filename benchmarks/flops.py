@@ -61,33 +61,52 @@ def _setup(preset: str = "qwen2-vl-2b") -> Setup:
 
 def _abstract(tree, shardings=None):
   if shardings is None:
+
     def one(x):
       if isinstance(x, jax.ShapeDtypeStruct):
         return x
       return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+
     return jax.tree.map(one, tree)
-  return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k])
-          for k, v in tree.items()}
+  return {
+    k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=shardings[k])
+    for k, v in tree.items()
+  }
 
 
 def pair_batch(mcfg, pairs: int, seq_len: int, mode: str = "pairs") -> dict:
   """A collated batch of `pairs` pairs, every row `seq_len` tokens with one 448² image. `mode`:
   "pairs" (each pair's image once: the train step), "rows" (an image per row: scoring), "legacy"
   (an image per row under one block-diagonal mask: before issue 17)."""
-  n_img = (IMAGE // mcfg.vision.patch_size) ** 2 // mcfg.merge_size ** 2
-  examples, _ = bench.synthetic_examples(mcfg, get_family("qwen2_vl"), 2 * pairs, seq_len - n_img,
-                                         IMAGE)
+  n_img = (IMAGE // mcfg.vision.patch_size) ** 2 // mcfg.merge_size**2
+  examples, _ = bench.synthetic_examples(
+    mcfg, get_family("qwen2_vl"), 2 * pairs, seq_len - n_img, IMAGE
+  )
   if mode == "rows":
     return collate(examples, seq_len, merge_size=mcfg.merge_size, patch_dim=mcfg.vision.patch_dim)
   if mode == "legacy":
-    batch = collate(examples, seq_len, merge_size=mcfg.merge_size, patch_dim=mcfg.vision.patch_dim,
-                    strength=np.zeros(pairs, np.float32))
-    return {k: v for k, v in batch.items()
-            if not (k.startswith("vision_items") or k == "vision_token_offset")}
+    batch = collate(
+      examples,
+      seq_len,
+      merge_size=mcfg.merge_size,
+      patch_dim=mcfg.vision.patch_dim,
+      strength=np.zeros(pairs, np.float32),
+    )
+    return {
+      k: v
+      for k, v in batch.items()
+      if not (k.startswith("vision_items") or k == "vision_token_offset")
+    }
   for r, c in zip(examples[pairs:], examples[:pairs]):  # a pair's rows share its image
     r.pixel_values, r.grid_thw, r.patch_arrays = c.pixel_values, c.grid_thw, c.patch_arrays
-  return collate(examples, seq_len, merge_size=mcfg.merge_size, patch_dim=mcfg.vision.patch_dim,
-                 strength=np.zeros(pairs, np.float32), share=pair_share(2 * pairs))
+  return collate(
+    examples,
+    seq_len,
+    merge_size=mcfg.merge_size,
+    patch_dim=mcfg.vision.patch_dim,
+    strength=np.zeros(pairs, np.float32),
+    share=pair_share(2 * pairs),
+  )
 
 
 def train_flops(setup: Setup, batch: dict) -> float:
@@ -99,21 +118,27 @@ def train_flops(setup: Setup, batch: dict) -> float:
 
 def score_flops(setup: Setup, batch: dict) -> float:
   from flax import nnx
+
   graphdef, state = nnx.split(setup.abstract_model)
   rows = {k: v[None] for k, v in batch.items() if k != "strength"}
   lowered = _jitted_forward(graphdef, setup.mesh).trace(_abstract(state), _abstract(rows)).lower()
   return float(lowered.cost_analysis()["flops"])
 
 
-def useful_flops(spec: dict, lengths: list[int], patches_per_image: int, images: int,
-                 train: bool = True) -> float:
+def useful_flops(
+  spec: dict, lengths: list[int], patches_per_image: int, images: int, train: bool = True
+) -> float:
   """The analytic minimum (module docstring) for sequences of `lengths` real tokens and `images`
   images (once each) of `patches_per_image` patches."""
-  lm = sum((6 if train else 2) * spec["n_lm"] * n
-           + (3 if train else 1) * spec["lm_layers"] * 2 * n * n * spec["lm_attn_dim"]
-           for n in lengths)
-  vis = images * (2 * spec["n_vis"] * patches_per_image
-                  + spec["vis_layers"] * 4 * patches_per_image ** 2 * spec["vis_attn_dim"])
+  lm = sum(
+    (6 if train else 2) * spec["n_lm"] * n
+    + (3 if train else 1) * spec["lm_layers"] * 2 * n * n * spec["lm_attn_dim"]
+    for n in lengths
+  )
+  vis = images * (
+    2 * spec["n_vis"] * patches_per_image
+    + spec["vis_layers"] * 4 * patches_per_image**2 * spec["vis_attn_dim"]
+  )
   return float(lm + vis)
 
 
@@ -134,16 +159,26 @@ def run_bench(setup: Setup, spec: dict, legacy: bool) -> None:
   useful_score = useful_flops(spec, [seq] * 2, patches, 2, train=False)
   # the tower alone: 16 images in one batch against one
   tower = [_tower_flops(setup, mcfg, n, legacy) for n in (1, 16)]
-  _line(workload="bench", layout="legacy" if legacy else "pairs", flops_per_pair=train,
-        useful_flops_per_pair=useful, ratio=round(train / useful, 4), score_flops_per_pair=score,
-        score_useful_flops_per_pair=useful_score, vision_forward_1_image=tower[0],
-        vision_forward_16_images=tower[1], vision_16_over_16x1=round(tower[1] / (16 * tower[0]), 4),
-        seconds=round(time.perf_counter() - t, 1))
+  _line(
+    workload="bench",
+    layout="legacy" if legacy else "pairs",
+    flops_per_pair=train,
+    useful_flops_per_pair=useful,
+    ratio=round(train / useful, 4),
+    score_flops_per_pair=score,
+    score_useful_flops_per_pair=useful_score,
+    vision_forward_1_image=tower[0],
+    vision_forward_16_images=tower[1],
+    vision_16_over_16x1=round(tower[1] / (16 * tower[0]), 4),
+    seconds=round(time.perf_counter() - t, 1),
+  )
 
 
 def _tower_flops(setup: Setup, mcfg, n: int, legacy: bool) -> float:
   from flax import nnx
+
   from mrm_jax.models import common
+
   side = IMAGE // mcfg.vision.patch_size
   thw = np.asarray([[1, side, side]] * n, np.int32)
   fam = get_family("qwen2_vl")
@@ -158,8 +193,13 @@ def _tower_flops(setup: Setup, mcfg, n: int, legacy: bool) -> float:
     return nnx.merge(graphdef, state)(pixels, seg, pos, items=items)[0]
 
   layout = None if legacy else tuple(vision_layout.item_layout(seg))
-  args = (_abstract(state), pixels, _abstract(seg), _abstract(pos),
-          None if layout is None else _abstract(layout))
+  args = (
+    _abstract(state),
+    pixels,
+    _abstract(seg),
+    _abstract(pos),
+    None if layout is None else _abstract(layout),
+  )
   return float(jax.jit(tower).trace(*args).lower().cost_analysis()["flops"])
 
 
@@ -167,15 +207,24 @@ def dt2it_lengths(n: int, seed: int, img_tokens: int) -> list[tuple[int, int]]:
   """(chosen row, rejected row) token counts of `n` DT2IT-like pairs."""
   rng = np.random.default_rng(seed)
   prompt = rng.integers(max(300, img_tokens + 1), 1301, size=n)
-  return [(int(p + c), int(p + r)) for p, c, r in zip(prompt, rng.integers(100, 401, size=n),
-                                                      rng.integers(100, 401, size=n))]
+  return [
+    (int(p + c), int(p + r))
+    for p, c, r in zip(prompt, rng.integers(100, 401, size=n), rng.integers(100, 401, size=n))
+  ]
 
 
-def run_dt2it(setup: Setup, spec: dict, n_pairs: int, seed: int, group: int, legacy: bool,
-              buckets: tuple[int, ...] = BUCKETS) -> None:
+def run_dt2it(
+  setup: Setup,
+  spec: dict,
+  n_pairs: int,
+  seed: int,
+  group: int,
+  legacy: bool,
+  buckets: tuple[int, ...] = BUCKETS,
+) -> None:
   mcfg = setup.spec.model_config
   patches = (IMAGE // mcfg.vision.patch_size) ** 2
-  pairs = dt2it_lengths(n_pairs, seed, patches // mcfg.merge_size ** 2)
+  pairs = dt2it_lengths(n_pairs, seed, patches // mcfg.merge_size**2)
   fits = [b for b in buckets if b >= max(max(p) for p in pairs)]
   if not fits:
     raise SystemExit("a pair is longer than the largest bucket")
@@ -186,18 +235,23 @@ def run_dt2it(setup: Setup, spec: dict, n_pairs: int, seed: int, group: int, leg
     rows = batch if legacy else pair_batch(mcfg, PAIRS_PER_STEP, b, "rows")
     per_bucket_score[b] = score_flops(setup, rows)
   # the same step's executed / useful ratio without padding (every row exactly one bucket long)
-  base = {b: per_bucket_train[b] / useful_flops(spec, [b] * 2 * PAIRS_PER_STEP, patches,
-                                                PAIRS_PER_STEP) for b in buckets}
+  base = {
+    b: per_bucket_train[b] / useful_flops(spec, [b] * 2 * PAIRS_PER_STEP, patches, PAIRS_PER_STEP)
+    for b in buckets
+  }
   longer = np.asarray([max(p) for p in pairs])
-  orders = {"random": epoch_order(n_pairs, seed=seed, epoch=0),
-            "length_grouped": epoch_order(n_pairs, seed=seed, epoch=0, lengths=longer,
-                                          batch_size=PAIRS_PER_STEP, group_batches=group)}
+  orders = {
+    "random": epoch_order(n_pairs, seed=seed, epoch=0),
+    "length_grouped": epoch_order(
+      n_pairs, seed=seed, epoch=0, lengths=longer, batch_size=PAIRS_PER_STEP, group_batches=group
+    ),
+  }
   for name, order in orders.items():
     executed = score = useful = unpadded = 0.0
     tokens = real = 0
     used = {b: 0 for b in buckets}
     for i in range(0, n_pairs // PAIRS_PER_STEP * PAIRS_PER_STEP, PAIRS_PER_STEP):
-      batch = [pairs[j] for j in order[i:i + PAIRS_PER_STEP]]
+      batch = [pairs[j] for j in order[i : i + PAIRS_PER_STEP]]
       rows = [c for c, _ in batch] + [r for _, r in batch]
       bucket = min(b for b in buckets if b >= max(rows))
       used[bucket] += 1
@@ -210,24 +264,34 @@ def run_dt2it(setup: Setup, spec: dict, n_pairs: int, seed: int, group: int, leg
       real += sum(rows)
     steps = sum(used.values())
     n = steps * PAIRS_PER_STEP
-    _line(workload="dt2it", layout="legacy" if legacy else "pairs", order=name, pairs=n,
-          buckets=list(buckets),
-          flops_per_pair=executed / n, useful_flops_per_pair=useful / n,
-          score_flops_per_pair=score / n, padding_ratio=round(executed / unpadded, 4),
-          real_token_fraction=round(real / tokens, 4), batches_per_bucket=used)
+    _line(
+      workload="dt2it",
+      layout="legacy" if legacy else "pairs",
+      order=name,
+      pairs=n,
+      buckets=list(buckets),
+      flops_per_pair=executed / n,
+      useful_flops_per_pair=useful / n,
+      score_flops_per_pair=score / n,
+      padding_ratio=round(executed / unpadded, 4),
+      real_token_fraction=round(real / tokens, 4),
+      batches_per_bucket=used,
+    )
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--workload", choices=["bench", "dt2it"], default="bench")
   p.add_argument("--legacy", action="store_true", help="the pre-issue-17 layout, for comparison")
   p.add_argument("--preset", default="qwen2-vl-2b", help="Qwen2-VL preset (tiny: a quick check)")
   p.add_argument("--pairs", type=int, default=512, help="dt2it: pairs drawn")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--group", type=int, default=16, help="dt2it: batches per length group")
-  p.add_argument("--buckets", type=int, nargs="+", default=list(BUCKETS),
-                 help="dt2it: sequence buckets")
+  p.add_argument(
+    "--buckets", type=int, nargs="+", default=list(BUCKETS), help="dt2it: sequence buckets"
+  )
   a = p.parse_args(argv)
   setup = _setup(a.preset)
   spec = _model_flops_spec(setup, None)

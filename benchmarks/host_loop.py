@@ -1,8 +1,8 @@
 """Host time per train step outside the device computation, and whether the loop reads device
 values every step. Prints one JSON line.
 
-  python benchmarks/host_loop.py                 # bench-shaped batch (8 pairs x 1,024 tokens, 448² images)
-  python benchmarks/host_loop.py --pairs 2 --text 48 --img 56 --steps 5   # quick look
+  python benchmarks/host_loop.py                 # bench-shaped batch (8 pairs x 1,024 tokens, 448²
+  images) python benchmarks/host_loop.py --pairs 2 --text 48 --img 56 --steps 5   # quick look
 
 The real `mrm_jax.train.loop.train` runs a tiny Qwen2-VL reward model on the same host batch every
 step (so the input pipeline's own cost is not counted; benchmarks/input_pipeline.py measures that),
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import train_step as bench  # benchmarks/train_step.py: the synthetic bench-shaped examples
 from flax import nnx
 
 from mrm_jax.config import base_config
@@ -29,14 +30,18 @@ from mrm_jax.models.processor import collate
 from mrm_jax.train import sharding as shd
 from mrm_jax.train.loop import Setup, train
 
-import train_step as bench  # benchmarks/train_step.py: the synthetic bench-shaped examples
-
 
 def host_batch(cfg_model, pairs: int, text: int, img: int) -> dict:
-  examples, seq_len = bench.synthetic_examples(cfg_model, get_family("qwen2_vl"), 2 * pairs, text,
-                                               img)
-  return collate(examples, seq_len, merge_size=cfg_model.merge_size,
-                 patch_dim=cfg_model.vision.patch_dim, strength=np.zeros(pairs, np.float32))
+  examples, seq_len = bench.synthetic_examples(
+    cfg_model, get_family("qwen2_vl"), 2 * pairs, text, img
+  )
+  return collate(
+    examples,
+    seq_len,
+    merge_size=cfg_model.merge_size,
+    patch_dim=cfg_model.vision.patch_dim,
+    strength=np.zeros(pairs, np.float32),
+  )
 
 
 def config(pairs: int, steps: int):
@@ -44,7 +49,7 @@ def config(pairs: int, steps: int):
   cfg.model.family, cfg.model.preset = "qwen2_vl", "tiny"
   cfg.train.batch_size, cfg.train.num_steps = pairs, steps + 1
   cfg.train.log_every = steps + 1  # one window: steps 2..N+1 (step 1 compiles)
-  cfg.train.checkpoint_every = 10 ** 6
+  cfg.train.checkpoint_every = 10**6
   cfg.train.tensorboard = False
   cfg.data.eval = ""
   return cfg
@@ -64,11 +69,15 @@ def loop_step_seconds(cfg, batch: dict) -> float:
 
 
 def device_step_seconds(cfg, batch: dict, steps: int) -> float:
-  setup = Setup(cfg, num_steps=steps + 2,
-                model_factory=lambda seed: create_reward_model("qwen2_vl", "tiny", nnx.Rngs(seed)))
+  setup = Setup(
+    cfg,
+    num_steps=steps + 2,
+    model_factory=lambda seed: create_reward_model("qwen2_vl", "tiny", nnx.Rngs(seed)),
+  )
   state = setup.fresh_state()
-  device_batch = shd.put_batch({k: np.asarray(v)[None] for k, v in batch.items()}, setup.mesh,
-                               leading=1)
+  device_batch = shd.put_batch(
+    {k: np.asarray(v)[None] for k, v in batch.items()}, setup.mesh, leading=1
+  )
   state, m = setup.trainer.train_step(state, device_batch)
   jax.block_until_ready(m)
   t = time.perf_counter()
@@ -79,9 +88,13 @@ def device_step_seconds(cfg, batch: dict, steps: int) -> float:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--pairs", type=int, default=8)
-  p.add_argument("--text", type=int, default=768, help="text tokens per sequence besides the image's")
+  p.add_argument(
+    "--text", type=int, default=768, help="text tokens per sequence besides the image's"
+  )
   p.add_argument("--img", type=int, default=448, help="image side (one image per sequence)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   a = p.parse_args(argv)
@@ -90,12 +103,21 @@ def main(argv=None):
   batch = host_batch(model_cfg, a.pairs, a.text, a.img)
   device = device_step_seconds(cfg, batch, a.steps)
   loop = loop_step_seconds(cfg, batch)
-  print(json.dumps({
-      "benchmark": "host_loop", "backend": jax.default_backend(), "devices": jax.device_count(),
-      "pairs": a.pairs, "seq": int(batch["input_ids"].shape[1]),
-      "batch_mb": round(sum(np.asarray(v).nbytes for v in batch.values()) / 2 ** 20, 1),
-      "loop_step_s": round(loop, 4), "device_step_s": round(device, 4),
-      "host_s_per_step": round(max(loop - device, 0.0), 4)}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "host_loop",
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "pairs": a.pairs,
+        "seq": int(batch["input_ids"].shape[1]),
+        "batch_mb": round(sum(np.asarray(v).nbytes for v in batch.values()) / 2**20, 1),
+        "loop_step_s": round(loop, 4),
+        "device_step_s": round(device, 4),
+        "host_s_per_step": round(max(loop - device, 0.0), 4),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -95,7 +95,6 @@ def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
   for action in parser._actions:  # noqa: SLF001 - argparse keeps its subparsers nowhere public
     if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
       for p in action.choices.values():
-        # noqa: SLF001
         if "-v" not in p._option_string_actions and "--verbose" not in p._option_string_actions:
           p.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"

@@ -13,7 +13,6 @@ import re
 import jax
 import numpy as np
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-
 from test_qwen2_5_vl import make_example, tiny_config  # noqa: E402
 from test_vision_layout import _encoded  # noqa: E402
 
@@ -29,8 +28,10 @@ BUDGET = 212  # patches of the batch (a number no other dimension has)
 def _batch(fam, cfg):
   rng = np.random.default_rng(0)
   vision = [[("image", (1, 8, 8)), ("image", (1, 4, 6))], [("image", (1, 6, 6))]]
-  chosen = [make_example(cfg, [("text", 3), *[x for it in v for x in (it, ("text", 2))]], rng)
-            for v in vision]
+  chosen = [
+    make_example(cfg, [("text", 3), *[x for it in v for x in (it, ("text", 2))]], rng)
+    for v in vision
+  ]
   rejected = []
   for c, v in zip(chosen, vision):
     r = make_example(cfg, [("text", 5), *[x for it in v for x in (it, ("text", 1))]], rng)
@@ -38,8 +39,15 @@ def _batch(fam, cfg):
     rejected.append(r)
   enc = [_encoded(fam, cfg, e) for e in chosen + rejected]
   seq = max(e.length for e in enc) + 5
-  return collate(enc, seq, BUDGET, merge_size=cfg.merge_size, patch_dim=cfg.vision.patch_dim,
-                 strength=np.zeros(2, np.float32), share=pair_share(4))
+  return collate(
+    enc,
+    seq,
+    BUDGET,
+    merge_size=cfg.merge_size,
+    patch_dim=cfg.vision.patch_dim,
+    strength=np.zeros(2, np.float32),
+    share=pair_share(4),
+  )
 
 
 def test_train_step_lowers_to_cudnn_and_attends_per_image(monkeypatch):
@@ -58,11 +66,15 @@ def test_train_step_lowers_to_cudnn_and_attends_per_image(monkeypatch):
   assert host["pixel_values"].shape[1] == BUDGET
   sh = shd.batch_shardings(host, setup.mesh, leading=1)
   sds = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in host.items()}
-  text = setup.trainer.train_step.trace(setup.abstract_state(), sds).lower(
-      lowering_platforms=("cuda",)).as_text()
+  text = (
+    setup.trainer.train_step.trace(setup.abstract_state(), sds)
+    .lower(lowering_platforms=("cuda",))
+    .as_text()
+  )
 
-  targets = (re.findall(r'custom_call @(\S+?)\(', text)
-             + re.findall(r'call_target_name = "([^"]+)"', text))
+  targets = re.findall(r"custom_call @(\S+?)\(", text) + re.findall(
+    r'call_target_name = "([^"]+)"', text
+  )
   fwd = [t for t in targets if t == "__cudnn$fmhaSoftmax"]
   bwd = [t for t in targets if t == "__cudnn$fmhaSoftmaxBackward"]
   text_layers, vision_blocks = mcfg.text.num_hidden_layers, mcfg.vision.depth

@@ -233,7 +233,6 @@ def test_report_counts_match_a_hand_recount(reference, world):
     for p in curated:
       assert "flipped" not in p and "strength" not in p and p["meta"]["curation"][-1]["round"] == r
     # agreement with the truth, by hand
-    # noqa: E731
     right = lambda ps: sum(p["chosen"] == truth["correct_answer"][p["id"]] for p in ps) / len(ps)
     assert rr["truth"]["input_accuracy"] == round(right(pairs), 4)
     assert rr["truth"]["curated_accuracy"] == round(right(curated), 4)

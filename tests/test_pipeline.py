@@ -22,19 +22,29 @@ def toy_encode(record, image_root, max_len, where="record"):
   for p in record["images"]:
     with Image.open(resolve_image(p, image_root)) as im:
       im.convert("RGB")  # decodes: a broken image raises here, as in the real processor
-  ids = np.frombuffer((record["question"] + "|" + record["answer"]).encode(), np.uint8).astype(np.int32)
+  ids = np.frombuffer((record["question"] + "|" + record["answer"]).encode(), np.uint8).astype(
+    np.int32
+  )
   rid = int(record["id"].split(":")[0][1:])
-  return {"ids": ids[-max_len:], "patches": PATCHES_PER_IMAGE * len(record["images"]), "rid": rid,
-          "chosen": record["id"].endswith(":chosen")}
+  return {
+    "ids": ids[-max_len:],
+    "patches": PATCHES_PER_IMAGE * len(record["images"]),
+    "rid": rid,
+    "chosen": record["id"].endswith(":chosen"),
+  }
 
 
 def toy_collate(examples, seq_len, patch_budget):
   ids = np.zeros((len(examples), seq_len), np.int32)
   for i, e in enumerate(examples):
-    ids[i, :len(e["ids"])] = e["ids"]
+    ids[i, : len(e["ids"])] = e["ids"]
   assert sum(e["patches"] for e in examples) <= patch_budget
-  return {"input_ids": ids, "rid": np.array([e["rid"] for e in examples]),
-          "is_chosen": np.array([e["chosen"] for e in examples]), "patch_budget": np.array(patch_budget)}
+  return {
+    "input_ids": ids,
+    "rid": np.array([e["rid"] for e in examples]),
+    "is_chosen": np.array([e["chosen"] for e in examples]),
+    "patch_budget": np.array(patch_budget),
+  }
 
 
 def _world(tmp_path, n=23, bad=()):
@@ -43,8 +53,14 @@ def _world(tmp_path, n=23, bad=()):
   Image.new("RGB", (4, 4), "red").save(tmp_path / "img" / "ok.png")
   lines = []
   for i in range(n):
-    rec = {"id": f"r{i}", "question": "q" * (3 + 7 * (i % 5)), "chosen": f"good{i}", "rejected": f"bad{i}",
-           "images": ["img/ok.png"] if i % 3 == 0 else [], "strength": i / 10}
+    rec = {
+      "id": f"r{i}",
+      "question": "q" * (3 + 7 * (i % 5)),
+      "chosen": f"good{i}",
+      "rejected": f"bad{i}",
+      "images": ["img/ok.png"] if i % 3 == 0 else [],
+      "strength": i / 10,
+    }
     lines.append(json.dumps(rec))
   for i, line in bad:
     lines[i] = line
@@ -54,9 +70,17 @@ def _world(tmp_path, n=23, bad=()):
 
 
 def _pipe(path, **kw):
-  args = dict(encode_fn=toy_encode, collate_fn=toy_collate, length_fn=lambda e: len(e["ids"]),
-              patches_fn=lambda e: e["patches"], batch_size=4, seq_lens=(16, 32, 64), seed=7,
-              num_parallel_calls=3, min_checked=1000)
+  args = dict(
+    encode_fn=toy_encode,
+    collate_fn=toy_collate,
+    length_fn=lambda e: len(e["ids"]),
+    patches_fn=lambda e: e["patches"],
+    batch_size=4,
+    seq_lens=(16, 32, 64),
+    seed=7,
+    num_parallel_calls=3,
+    min_checked=1000,
+  )
   args.update(kw)
   return pl.PairPipeline(pl.load_entries(path), **args)
 
@@ -81,8 +105,12 @@ def test_batches_are_pairs_with_strength_and_rows_i_b_plus_i(tmp_path):
   np.testing.assert_allclose(b["strength"], np.arange(8) / 10)
   assert b["strength"].dtype == np.float32
   # row 3 is chosen of r3, row 11 its rejected: same prompt, different answer
-  assert bytes(b["input_ids"][3][b["input_ids"][3] > 0].astype(np.uint8)).decode().endswith("|good3")
-  assert bytes(b["input_ids"][11][b["input_ids"][11] > 0].astype(np.uint8)).decode().endswith("|bad3")
+  assert (
+    bytes(b["input_ids"][3][b["input_ids"][3] > 0].astype(np.uint8)).decode().endswith("|good3")
+  )
+  assert (
+    bytes(b["input_ids"][11][b["input_ids"][11] > 0].astype(np.uint8)).decode().endswith("|bad3")
+  )
 
 
 def test_same_seed_same_batches_other_seed_other_order(tmp_path):
@@ -98,7 +126,9 @@ def test_epoch_order_is_the_seeded_permutation(tmp_path):
   p = _pipe(f, num_epochs=2)
   rids = np.concatenate([b["rid"][:4] for b in p])
   expected = np.concatenate([np.random.default_rng([7, e]).permutation(23) for e in (0, 1)])
-  np.testing.assert_array_equal(rids, expected[:44])  # 46 records → 11 full batches, across the epoch boundary
+  np.testing.assert_array_equal(
+    rids, expected[:44]
+  )  # 46 records → 11 full batches, across the epoch boundary
   assert p.get_state()["epoch"] == 1 and p.get_state()["position"] == 21
 
 
@@ -137,7 +167,7 @@ def test_host_shards_disjoint_and_cover(tmp_path, hosts):
     p = _pipe(f, batch_size=hosts, process_index=h, process_count=hosts, num_epochs=1)
     shard = p.shard(0)
     rids = [int(r) for b in p for r in b["rid"][:1]]
-    assert rids == list(shard[:len(rids)])  # the host reads its own shard, in order
+    assert rids == list(shard[: len(rids)])  # the host reads its own shard, in order
     seen.append(set(shard.tolist()))
   assert sum(len(s) for s in seen) == 23 and set().union(*seen) == set(range(23))
   with pytest.raises(UserError, match="not divisible by the number of hosts"):
@@ -154,13 +184,20 @@ def test_bucketing_never_exceeds_configured_shapes(tmp_path):
     smaller = [s for s in (16, 32, 64) if s < seq_len]
     assert not smaller or lengths.max() > max(smaller)  # the smallest bucket that fits
     assert int(b["patch_budget"]) in (8, 16, 32)
-  with pytest.raises(UserError, match="needs 24 vision patches, more than the largest configured \\(8\\)"):
+  with pytest.raises(
+    UserError, match="needs 24 vision patches, more than the largest configured \\(8\\)"
+  ):
     _take(_pipe(f, batch_size=8, patch_budgets=(8,), shuffle=False), 1)
 
 
 def test_truncation_to_largest_bucket_keeps_final_token(tmp_path):
   f = tmp_path / "long.jsonl"
-  f.write_text(json.dumps({"id": "r0", "question": "x" * 100, "chosen": "yes!", "rejected": "no?", "images": []}) + "\n")
+  f.write_text(
+    json.dumps(
+      {"id": "r0", "question": "x" * 100, "chosen": "yes!", "rejected": "no?", "images": []}
+    )
+    + "\n"
+  )
   (b,) = _take(_pipe(f, batch_size=1, seq_lens=(16, 32), num_epochs=1), 1)
   assert b["input_ids"].shape == (2, 32)
   assert bytes(b["input_ids"][0].astype(np.uint8)).endswith(b"|yes!")
@@ -172,18 +209,49 @@ def _bad_world(tmp_path):
   root = tmp_path / "data"
   (root / "img").mkdir(parents=True)
   (root / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
-  return _world(root, n=12, bad=[
-      (1, '{"id": "r1", "question": "q", "chosen": "c"'),                                     # malformed JSON
-      (2, json.dumps({"id": "r2", "question": "q", "chosen": "c"})),                           # missing field
-      (4, json.dumps({"id": "r4", "question": "q", "chosen": "c", "rejected": "  "})),         # empty response
-      (5, json.dumps({"id": "r5", "question": "q", "chosen": "c", "rejected": "r",
-                      "images": ["../secret.png"]})),                                          # outside the root
-      (7, json.dumps({"id": "r7", "question": "q", "chosen": "c", "rejected": "r",
-                      "images": ["img/broken.png"]})),                                         # undecodable
-      (8, json.dumps({"id": "r8", "question": "q", "chosen": "c", "rejected": "r",
-                      "images": ["img/missing.png"]})),                                        # missing image
-      (10, json.dumps(["not", "an", "object"])),                                               # not an object
-  ])
+  return _world(
+    root,
+    n=12,
+    bad=[
+      (1, '{"id": "r1", "question": "q", "chosen": "c"'),  # malformed JSON
+      (2, json.dumps({"id": "r2", "question": "q", "chosen": "c"})),  # missing field
+      (
+        4,
+        json.dumps({"id": "r4", "question": "q", "chosen": "c", "rejected": "  "}),
+      ),  # empty response
+      (
+        5,
+        json.dumps(
+          {"id": "r5", "question": "q", "chosen": "c", "rejected": "r", "images": ["../secret.png"]}
+        ),
+      ),  # outside the root
+      (
+        7,
+        json.dumps(
+          {
+            "id": "r7",
+            "question": "q",
+            "chosen": "c",
+            "rejected": "r",
+            "images": ["img/broken.png"],
+          }
+        ),
+      ),  # undecodable
+      (
+        8,
+        json.dumps(
+          {
+            "id": "r8",
+            "question": "q",
+            "chosen": "c",
+            "rejected": "r",
+            "images": ["img/missing.png"],
+          }
+        ),
+      ),  # missing image
+      (10, json.dumps(["not", "an", "object"])),  # not an object
+    ],
+  )
 
 
 def test_every_bad_input_is_skipped_counted_and_logged(tmp_path, caplog):
@@ -194,9 +262,15 @@ def test_every_bad_input_is_skipped_counted_and_logged(tmp_path, caplog):
   assert [int(r) for b in batches for r in b["rid"][:5]] == [0, 3, 6, 9, 11]
   assert (p.seen, p.skipped) == (12, 7)
   msgs = "\n".join(r.getMessage() for r in caplog.records)
-  for line, text in [(2, "malformed JSON"), (3, "missing field 'rejected'"), (5, "empty 'rejected' response"),
-                     (6, "outside the image root"), (8, "UnidentifiedImageError"), (9, "img/missing.png' not found"),
-                     (11, "expected a JSON object")]:
+  for line, text in [
+    (2, "malformed JSON"),
+    (3, "missing field 'rejected'"),
+    (5, "empty 'rejected' response"),
+    (6, "outside the image root"),
+    (8, "UnidentifiedImageError"),
+    (9, "img/missing.png' not found"),
+    (11, "expected a JSON object"),
+  ]:
     assert f"{f}:{line}: {text}" in msgs or (f"{f}:{line}:" in msgs and text in msgs), (line, text)
   assert len(caplog.records) == 7
 
@@ -207,7 +281,9 @@ def test_skip_rate_above_threshold_stops(tmp_path):
   with pytest.raises(UserError, match=r"records could not be used .* > max_skip_rate 20.0%"):
     _take(p, 10)
   # under the threshold the same data trains on
-  assert len(_take(_pipe(f, batch_size=1, shuffle=False, max_skip_rate=0.7, min_checked=5), 10)) == 10
+  assert (
+    len(_take(_pipe(f, batch_size=1, shuffle=False, max_skip_rate=0.7, min_checked=5), 10)) == 10
+  )
 
 
 def test_state_from_another_setup_is_refused(tmp_path):
@@ -224,6 +300,7 @@ def test_state_from_another_setup_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
   from model_fixtures import tiny_processor
+
   return tiny_processor(tmp_path_factory.mktemp("tiny_model"))
 
 
@@ -232,9 +309,17 @@ def _real_world(tmp_path, n=10):
   for i, c in enumerate(("red", "green", "blue")):
     Image.new("RGB", (40 + 8 * i, 30), c).save(tmp_path / "img" / f"{i}.png")
   (tmp_path / "img" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-  recs = [{"id": f"r{i}", "images": [f"img/{i % 3}.png"] * (1 + i % 2), "question": "What is in the image? " * (1 + 3 * (i % 4)),
-           "chosen": f"A red circle {i}.", "rejected": "The cat sits on the mat.", "strength": 0.5 * i}
-          for i in range(n)]
+  recs = [
+    {
+      "id": f"r{i}",
+      "images": [f"img/{i % 3}.png"] * (1 + i % 2),
+      "question": "What is in the image? " * (1 + 3 * (i % 4)),
+      "chosen": f"A red circle {i}.",
+      "rejected": "The cat sits on the mat.",
+      "strength": 0.5 * i,
+    }
+    for i in range(n)
+  ]
   recs[4]["images"] = ["img/broken.jpg"]
   f = tmp_path / "pairs.jsonl"
   f.write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -243,8 +328,14 @@ def _real_world(tmp_path, n=10):
 
 def test_real_processor_rows_buckets_and_resume(tmp_path, processor):
   f, recs = _real_world(tmp_path)
-  kw = dict(batch_size=3, seq_lens=(48, 96, 160), patch_budgets=(64, 128, 256), seed=1, num_parallel_calls=2,
-            min_checked=1000)
+  kw = dict(
+    batch_size=3,
+    seq_lens=(48, 96, 160),
+    patch_budgets=(64, 128, 256),
+    seed=1,
+    num_parallel_calls=2,
+    min_checked=1000,
+  )
   ref = pl.from_processor(pl.load_entries(f), processor, **kw)
   first = _take(ref, 2)
   state = ref.get_state()
@@ -254,41 +345,68 @@ def test_real_processor_rows_buckets_and_resume(tmp_path, processor):
   _same(_take(resumed, 3), tail)
   _same(_take(pl.from_processor(pl.load_entries(f), processor, **kw), 2), first)
 
-  order = [i for i in np.random.default_rng([1, 0]).permutation(10) if i != 4]  # r4's image is broken
+  order = [
+    i for i in np.random.default_rng([1, 0]).permutation(10) if i != 4
+  ]  # r4's image is broken
   b = first[0]
   assert b["input_ids"].shape[0] == 6 and b["input_ids"].shape[1] in (48, 96, 160)
-  assert b["pixel_values"].shape[0] in (64, 128, 256) and b["vision_segment_ids"].shape == b["pixel_values"].shape[:1]
+  assert (
+    b["pixel_values"].shape[0] in (64, 128, 256)
+    and b["vision_segment_ids"].shape == b["pixel_values"].shape[:1]
+  )
   np.testing.assert_allclose(b["strength"], [0.5 * i for i in order[:3]])
   for row, i in enumerate(order[:3]):
     for r, answer in ((row, recs[i]["chosen"]), (row + 3, recs[i]["rejected"])):
-      enc = processor.encode({"images": recs[i]["images"], "question": recs[i]["question"], "answer": answer},
-                             tmp_path, 160)
-      np.testing.assert_array_equal(b["input_ids"][r, :enc.length], enc.input_ids)
+      enc = processor.encode(
+        {"images": recs[i]["images"], "question": recs[i]["question"], "answer": answer},
+        tmp_path,
+        160,
+      )
+      np.testing.assert_array_equal(b["input_ids"][r, : enc.length], enc.input_ids)
       assert b["attention_mask"][r].sum() == enc.length
   lengths = b["attention_mask"].sum(1)
-  assert lengths.max() <= b["input_ids"].shape[1] and not any(s >= lengths.max() for s in (48, 96, 160)
-                                                                if s < b["input_ids"].shape[1])
+  assert lengths.max() <= b["input_ids"].shape[1] and not any(
+    s >= lengths.max() for s in (48, 96, 160) if s < b["input_ids"].shape[1]
+  )
 
 
-def test_real_processor_truncation_keeps_final_token_and_skips_broken_image(tmp_path, processor, caplog):
+def test_real_processor_truncation_keeps_final_token_and_skips_broken_image(
+  tmp_path, processor, caplog
+):
   f, recs = _real_world(tmp_path)
-  p = pl.from_processor(pl.load_entries(f), processor, batch_size=9, seq_lens=(40,), shuffle=False, num_epochs=1,
-                        min_checked=1000)
+  p = pl.from_processor(
+    pl.load_entries(f),
+    processor,
+    batch_size=9,
+    seq_lens=(40,),
+    shuffle=False,
+    num_epochs=1,
+    min_checked=1000,
+  )
   (b,) = list(p)
   assert (p.seen, p.skipped) == (10, 1)
   assert f"{f}:5:" in caplog.text
   assert b["input_ids"].shape[1] == 40
   good = [r for k, r in enumerate(recs) if k != 4]
   for row, rec in enumerate(good):
-    full = processor.encode({"images": rec["images"], "question": rec["question"], "answer": rec["chosen"]}, tmp_path,
-                            10_000)
+    full = processor.encode(
+      {"images": rec["images"], "question": rec["question"], "answer": rec["chosen"]},
+      tmp_path,
+      10_000,
+    )
     n = int(b["attention_mask"][row].sum())
     assert n == full.length if full.length <= 40 else 0 < n <= 40
     assert b["input_ids"][row, n - 1] == full.input_ids[-1]  # the scored token survives truncation
-    assert (b["input_ids"][row, :n] == processor.config.image_token_id).sum() == \
-        (full.input_ids == processor.config.image_token_id).sum()  # vision tokens are never cut
-  assert any(processor.encode({"images": r["images"], "question": r["question"], "answer": r["chosen"]}, tmp_path,
-                              10_000).length > 40 for r in good)  # truncation really happened
+    assert (b["input_ids"][row, :n] == processor.config.image_token_id).sum() == (
+      full.input_ids == processor.config.image_token_id
+    ).sum()  # vision tokens are never cut
+  assert any(
+    processor.encode(
+      {"images": r["images"], "question": r["question"], "answer": r["chosen"]}, tmp_path, 10_000
+    ).length
+    > 40
+    for r in good
+  )  # truncation really happened
 
 
 def test_video_folder_pairs_reach_the_processor_as_frame_lists(tmp_path, processor):
@@ -296,19 +414,40 @@ def test_video_folder_pairs_reach_the_processor_as_frame_lists(tmp_path, process
   for k in range(3):
     Image.new("RGB", (56, 56), (80 * k, 0, 0)).save(tmp_path / "video" / "clip" / f"{k:03d}.jpg")
   f = tmp_path / "mm.jsonl"
-  f.write_text(json.dumps({"id": "w", "video": "video/none", "prompt": "?", "chosen": "a", "rejected": "b"}) + "\n" +
-               json.dumps({"id": "v", "video": "video/clip", "prompt": "What happens?", "chosen": "It turns red.",
-                           "rejected": "Nothing."}) + "\n")
+  f.write_text(
+    json.dumps({"id": "w", "video": "video/none", "prompt": "?", "chosen": "a", "rejected": "b"})
+    + "\n"
+    + json.dumps(
+      {
+        "id": "v",
+        "video": "video/clip",
+        "prompt": "What happens?",
+        "chosen": "It turns red.",
+        "rejected": "Nothing.",
+      }
+    )
+    + "\n"
+  )
   from mrm_jax.data import readers
+
   out = tmp_path / "pairs.jsonl"
   out.write_text("".join(json.dumps(p) + "\n" for p in readers.read_all(f, "mm_rlhf")))
-  p = pl.from_processor(pl.load_entries(out), processor, batch_size=1, seq_lens=(256,), shuffle=False, num_epochs=1,
-                        max_skip_rate=0.9)
+  p = pl.from_processor(
+    pl.load_entries(out),
+    processor,
+    batch_size=1,
+    seq_lens=(256,),
+    shuffle=False,
+    num_epochs=1,
+    max_skip_rate=0.9,
+  )
   (b,) = list(p)
   assert p.skipped == 1  # the missing folder
   frames = [f"video/clip/{k:03d}.jpg" for k in range(3)]
-  enc = processor.encode({"videos": [frames], "question": "What happens?", "answer": "It turns red."}, tmp_path, 256)
-  np.testing.assert_array_equal(b["input_ids"][0, :enc.length], enc.input_ids)
+  enc = processor.encode(
+    {"videos": [frames], "question": "What happens?", "answer": "It turns red."}, tmp_path, 256
+  )
+  np.testing.assert_array_equal(b["input_ids"][0, : enc.length], enc.input_ids)
   assert (enc.input_ids == processor.config.video_token_id).sum() > 0
 
 
@@ -317,9 +456,12 @@ def test_video_folder_pairs_reach_the_processor_as_frame_lists(tmp_path, process
 
 def test_length_groups_by_hand():
   from mrm_jax.data.ordering import epoch_order
+
   lengths = np.array([5, 1, 9, 3, 7, 2, 8, 4])
   # shuffle off: groups of 2 batches of 2 in file order, each group sorted longest first
-  order = epoch_order(8, seed=0, epoch=0, shuffle=False, lengths=lengths, batch_size=2, group_batches=2)
+  order = epoch_order(
+    8, seed=0, epoch=0, shuffle=False, lengths=lengths, batch_size=2, group_batches=2
+  )
   np.testing.assert_array_equal(order, [2, 0, 3, 1, 6, 4, 7, 5])
   # shuffled: the same construction on the seeded permutation, then the batches in a seeded order
   perm = np.random.default_rng([3, 1]).permutation(8)
@@ -329,10 +471,14 @@ def test_length_groups_by_hand():
   np.testing.assert_array_equal(got, batches.ravel())
   assert sorted(got.tolist()) == list(range(8))
   # a remainder shorter than a batch stays at the end; no grouping = the plain permutation
-  tail = epoch_order(9, seed=0, epoch=0, shuffle=False, lengths=np.arange(9), batch_size=2, group_batches=2)
+  tail = epoch_order(
+    9, seed=0, epoch=0, shuffle=False, lengths=np.arange(9), batch_size=2, group_batches=2
+  )
   assert sorted(tail.tolist()) == list(range(9)) and tail[-1] == 8
-  np.testing.assert_array_equal(epoch_order(8, seed=3, epoch=1, lengths=lengths, batch_size=2),
-                                np.random.default_rng([3, 1]).permutation(8))
+  np.testing.assert_array_equal(
+    epoch_order(8, seed=3, epoch=1, lengths=lengths, batch_size=2),
+    np.random.default_rng([3, 1]).permutation(8),
+  )
 
 
 def test_length_grouping_cuts_padding_and_resumes_exactly(tmp_path):
@@ -341,7 +487,9 @@ def test_length_grouping_cuts_padding_and_resumes_exactly(tmp_path):
   lengths = [len(e.record["question"]) + 6 for e in entries]  # the toy encoder's token count
   padded = {}
   for group in (0, 5):
-    p = _pipe(f, lengths=lengths, group_batches=group, seq_lens=tuple(range(8, 65, 8)), num_epochs=3)
+    p = _pipe(
+      f, lengths=lengths, group_batches=group, seq_lens=tuple(range(8, 65, 8)), num_epochs=3
+    )
     batches = list(p)
     real = sum(int((b["input_ids"] > 0).sum()) for b in batches)
     padded[group] = sum(b["input_ids"].size for b in batches) / real
@@ -359,6 +507,7 @@ def test_length_grouping_cuts_padding_and_resumes_exactly(tmp_path):
 def test_estimated_lengths_track_the_encoded_ones(tmp_path, processor):
   from mrm_jax.data.records import pair_to_scoring
   from mrm_jax.train.data import estimate_lengths
+
   f, recs = _real_world(tmp_path)
   entries = pl.load_entries(f)
   est = estimate_lengths(entries, processor)

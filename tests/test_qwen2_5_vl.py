@@ -13,21 +13,23 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import transformers  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
 import jax.numpy as jnp  # noqa: E402
+import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from mrm_jax.models import common, get_family, hf_io  # noqa: E402
 
 # special token ids inside the tiny vocabulary (the real ones are ~151k)
-SPECIAL = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+SPECIAL = dict(
+  image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503
+)
 PAD_ID = 0
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
+
 
 def tiny_config(family: str, **vision_overrides):
   fam = get_family(family)
@@ -38,13 +40,15 @@ def tiny_config(family: str, **vision_overrides):
 
 
 def default_video_tokens(cfg, thw, rng):
-  n = int(np.prod(thw)) // cfg.merge_size ** 2
+  n = int(np.prod(thw)) // cfg.merge_size**2
   return [cfg.vision_start_token_id] + [cfg.video_token_id] * n + [cfg.vision_end_token_id]
 
 
 def make_example(cfg, segments, rng, video_tokens=default_video_tokens):
-  """`segments`: ("text", n) | ("image", (t, h, w)) | ("video", (t, h, w)) with (t, h, w) the patch grid.
-  Returns `{"ids", "items": [(kind, thw, pixels [t*h*w, patch_dim])]}` with random text and pixels."""
+  """`segments`: ("text", n) | ("image", (t, h, w)) | ("video", (t, h, w)) with (t, h, w) the patch
+  grid.
+  Returns `{"ids", "items": [(kind, thw, pixels [t*h*w, patch_dim])]}` with random text and
+  pixels."""
   ids, items = [], []
   for kind, arg in segments:
     if kind == "text":
@@ -54,7 +58,7 @@ def make_example(cfg, segments, rng, video_tokens=default_video_tokens):
     pixels = rng.standard_normal((int(np.prod(thw)), cfg.vision.patch_dim)).astype(np.float32)
     items.append((kind, thw, pixels))
     if kind == "image":
-      n = int(np.prod(thw)) // cfg.merge_size ** 2
+      n = int(np.prod(thw)) // cfg.merge_size**2
       ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
     else:
       ids += video_tokens(cfg, thw, rng)
@@ -80,10 +84,10 @@ def jax_batch(fam, cfg, examples, seq_len, patch_budget, rope_kwargs=None):
     pos[:, i, :n] = fam.rope_index(ex["ids"], grids, cfg, **((rope_kwargs or [{}] * b)[i]))
     start = p
     for _, (t, h, w), px in ex["items"]:
-      pixels[p:p + len(px)] = px
+      pixels[p : p + len(px)] = px
       for _ in range(t):
         frame_id += 1
-        seg[p:p + h * w] = frame_id
+        seg[p : p + h * w] = frame_id
         p += h * w
     if len(grids):
       for name, arr in fam.vision_patch_arrays(grids, cfg).items():
@@ -94,8 +98,14 @@ def jax_batch(fam, cfg, examples, seq_len, patch_budget, rope_kwargs=None):
           seg_offsets[name] = int(arr.max(initial=off))
         dst[start:p] = arr
   assert p <= patch_budget
-  batch = dict(input_ids=input_ids, attention_mask=mask, position_ids=pos, pixel_values=pixels,
-               vision_segment_ids=seg, **extra)
+  batch = dict(
+    input_ids=input_ids,
+    attention_mask=mask,
+    position_ids=pos,
+    pixel_values=pixels,
+    vision_segment_ids=seg,
+    **extra,
+  )
   if p == 0:  # no vision at all: a zero patch budget
     batch["pixel_values"] = np.zeros((0, cfg.vision.patch_dim), np.float32)
     batch["vision_segment_ids"] = np.zeros((0,), np.int32)
@@ -112,8 +122,8 @@ def torch_inputs(cfg, examples, seq_len, second_per_grid_ts=None):
   ids = torch.full((b, seq_len), PAD_ID, dtype=torch.long)
   mask = torch.zeros((b, seq_len), dtype=torch.long)
   for i, ex in enumerate(examples):
-    ids[i, :len(ex["ids"])] = torch.from_numpy(ex["ids"])
-    mask[i, :len(ex["ids"])] = 1
+    ids[i, : len(ex["ids"])] = torch.from_numpy(ex["ids"])
+    mask[i, : len(ex["ids"])] = 1
   tt = torch.zeros_like(ids)
   tt[ids == cfg.image_token_id] = 1
   tt[ids == cfg.video_token_id] = 2
@@ -134,7 +144,9 @@ def torch_model(cfg, seed: int):
   hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
   hf_cfg._attn_implementation = "eager"
   torch.manual_seed(seed)
-  model = transformers.AutoModelForImageTextToText.from_config(hf_cfg, attn_implementation="eager").eval()
+  model = transformers.AutoModelForImageTextToText.from_config(
+    hf_cfg, attn_implementation="eager"
+  ).eval()
   with torch.no_grad():
     for prm in model.parameters():
       prm.add_(0.05 * torch.randn_like(prm))
@@ -151,18 +163,26 @@ def torch_forward(model, head, inputs):
 
 
 def save_hf_dir(model, head, path, legacy_names: bool = False):
-  """`save_pretrained` + LLaMA-Factory's value_head.safetensors; optionally rewrites the weight names to
+  """`save_pretrained` + LLaMA-Factory's value_head.safetensors; optionally rewrites the weight
+  names to
   the older hub layout (`model.layers.*`, `visual.*`)."""
   model.save_pretrained(path)
-  save_file({hf_io.V_HEAD_WEIGHT: head.weight.detach().numpy().copy(),
-             hf_io.V_HEAD_BIAS: head.bias.detach().numpy().copy()}, str(path / hf_io.VALUE_HEAD_FILE))
+  save_file(
+    {
+      hf_io.V_HEAD_WEIGHT: head.weight.detach().numpy().copy(),
+      hf_io.V_HEAD_BIAS: head.bias.detach().numpy().copy(),
+    },
+    str(path / hf_io.VALUE_HEAD_FILE),
+  )
   if legacy_names:
     files = sorted(p for p in path.glob("model*.safetensors"))
     assert files and not (path / "model.safetensors.index.json").exists()
     for f in files:
       tensors = load_file(str(f))
       renamed = {hf_io.legacy_name(k): v for k, v in tensors.items()}
-      assert any(k.startswith("visual.") for k in renamed) and any(k.startswith("model.layers.") for k in renamed)
+      assert any(k.startswith("visual.") for k in renamed) and any(
+        k.startswith("model.layers.") for k in renamed
+      )
       save_file(renamed, str(f), metadata={"format": "pt"})
   return path
 
@@ -201,27 +221,40 @@ def param_count_ours(fam, cfg) -> int:
 
 
 def end_to_end_check(family: str, tmp_path, seed: int, image_mean=None, second_per_grid_ts=None):
-  """A full HF directory (transformers weights, tokenizer, preprocessor config, value head) loaded with
-  `load_reward_model`; records with images of different sizes, a 5-frame video and plain text go through
-  the processor (chat template, family placeholder / rope / per-patch hooks) and `collate`; PyTorch scores
+  """A full HF directory (transformers weights, tokenizer, preprocessor config, value head) loaded
+  with
+  `load_reward_model`; records with images of different sizes, a 5-frame video and plain text go
+  through the processor (chat template, family placeholder / rope / per-patch hooks) and `collate`;
+  PyTorch scores
   the same token ids and patches with its own rope index."""
   import model_fixtures as mf
   from PIL import Image
+
   from mrm_jax.models import load_reward_model
+
   d = tmp_path / "model"
   tok = mf.build_tokenizer(d)
   ids = mf.special_ids(tok)
   fam, cfg = tiny_config(family)
-  text_ids = {k: v for k, v in (("bos_token_id", None), ("eos_token_id", ids["<|im_end|>"]))
-              if k in {f.name for f in dataclasses.fields(cfg.text)}}
+  text_ids = {
+    k: v
+    for k, v in (("bos_token_id", None), ("eos_token_id", ids["<|im_end|>"]))
+    if k in {f.name for f in dataclasses.fields(cfg.text)}
+  }
   cfg = dataclasses.replace(
-      cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tok), **text_ids), image_token_id=ids["<|image_pad|>"],
-      video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-      vision_end_token_id=ids["<|vision_end|>"])
+    cfg,
+    text=dataclasses.replace(cfg.text, vocab_size=len(tok), **text_ids),
+    image_token_id=ids["<|image_pad|>"],
+    video_token_id=ids["<|video_pad|>"],
+    vision_start_token_id=ids["<|vision_start|>"],
+    vision_end_token_id=ids["<|vision_end|>"],
+  )
   model, head = torch_model(cfg, seed)
   save_hf_dir(model, head, d)
   unit = cfg.vision.patch_size * cfg.merge_size
-  mf.save_preprocessor(d, patch_size=cfg.vision.patch_size, min_pixels=unit * unit, max_pixels=unit * unit * 20)
+  mf.save_preprocessor(
+    d, patch_size=cfg.vision.patch_size, min_pixels=unit * unit, max_pixels=unit * unit * 20
+  )
   if image_mean is not None:
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
       pc = json.loads((d / name).read_text())
@@ -235,11 +268,21 @@ def end_to_end_check(family: str, tmp_path, seed: int, image_mean=None, second_p
   frames = [f"f{i}.png" for i in range(5)]
   for f in frames:
     Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(imgs / f)
-  records = [{"images": ["a.png", "b.png"], "question": "Image 1 <image> Image 2 <image> Which is better?",
-              "answer": "Image 2 is better than Image 1."},
-             {"images": [], "videos": [frames], "question": "<video> Describe the picture.", "answer": "A red circle."},
-             {"images": [], "question": "What is in the image?", "answer": "The answer is yes."},
-             {"images": ["c.png"], "question": "The cat sits on the mat.", "answer": "No."}]
+  records = [
+    {
+      "images": ["a.png", "b.png"],
+      "question": "Image 1 <image> Image 2 <image> Which is better?",
+      "answer": "Image 2 is better than Image 1.",
+    },
+    {
+      "images": [],
+      "videos": [frames],
+      "question": "<video> Describe the picture.",
+      "answer": "A red circle.",
+    },
+    {"images": [], "question": "What is in the image?", "answer": "The answer is yes."},
+    {"images": ["c.png"], "question": "The cat sits on the mat.", "answer": "No."},
+  ]
   ours, proc = load_reward_model(d)
   enc = [proc.encode(r, imgs, 512) for r in records]
   seq_len = max(e.length for e in enc) + 2
@@ -249,7 +292,7 @@ def end_to_end_check(family: str, tmp_path, seed: int, image_mean=None, second_p
     items, p = [], 0
     for kind, thw in zip(e.vision_kinds, e.grid_thw.tolist()):
       n = int(np.prod(thw))
-      items.append((kind, tuple(thw), e.pixel_values[p:p + n]))
+      items.append((kind, tuple(thw), e.pixel_values[p : p + n]))
       p += n
     examples.append({"ids": e.input_ids.astype(np.int64), "items": items})
   assert [k for e in examples for k, _, _ in e["items"]] == ["image", "image", "video", "image"]
@@ -267,25 +310,38 @@ def end_to_end_check(family: str, tmp_path, seed: int, image_mean=None, second_p
 FAMILY = "qwen2_5_vl"
 
 CASES = {
-    # several images of different sizes (windows padded on both axes, one grid smaller than a window)
-    "images": [[("text", 5), ("image", (1, 8, 12)), ("text", 3), ("image", (1, 6, 10)), ("text", 4),
-                ("image", (1, 2, 2)), ("text", 6)]],
-    "one_image": [[("text", 4), ("image", (1, 12, 8)), ("text", 9)]],
-    "video": [[("text", 3), ("video", (3, 8, 6)), ("text", 7)]],
-    "no_image": [[("text", 17)]],
-    "long_prompt": [[("text", 150), ("image", (1, 4, 6)), ("text", 120)]],
-    # a padded batch mixing all of the above, images and videos interleaved
-    "mixed_batch": [[("text", 2), ("image", (1, 6, 6)), ("text", 3)],
-                    [("text", 20)],
-                    [("text", 3), ("video", (2, 4, 8)), ("text", 2), ("image", (1, 10, 4)), ("text", 5)],
-                    [("text", 4), ("image", (1, 4, 4)), ("text", 1), ("image", (1, 8, 8)), ("text", 2)]],
+  # several images of different sizes (windows padded on both axes, one grid smaller than a window)
+  "images": [
+    [
+      ("text", 5),
+      ("image", (1, 8, 12)),
+      ("text", 3),
+      ("image", (1, 6, 10)),
+      ("text", 4),
+      ("image", (1, 2, 2)),
+      ("text", 6),
+    ]
+  ],
+  "one_image": [[("text", 4), ("image", (1, 12, 8)), ("text", 9)]],
+  "video": [[("text", 3), ("video", (3, 8, 6)), ("text", 7)]],
+  "no_image": [[("text", 17)]],
+  "long_prompt": [[("text", 150), ("image", (1, 4, 6)), ("text", 120)]],
+  # a padded batch mixing all of the above, images and videos interleaved
+  "mixed_batch": [
+    [("text", 2), ("image", (1, 6, 6)), ("text", 3)],
+    [("text", 20)],
+    [("text", 3), ("video", (2, 4, 8)), ("text", 2), ("image", (1, 10, 4)), ("text", 5)],
+    [("text", 4), ("image", (1, 4, 4)), ("text", 1), ("image", (1, 8, 8)), ("text", 2)],
+  ],
 }
 
 
 def _second_per_grid_ts(examples, rng):
   """Per-video seconds per temporal patch, chosen so that positions advance by non-integer steps."""
-  per_example = [[float(rng.choice([0.5, 0.75, 1.3])) for k, _, _ in ex["items"] if k == "video"]
-                 for ex in examples]
+  per_example = [
+    [float(rng.choice([0.5, 0.75, 1.3])) for k, _, _ in ex["items"] if k == "video"]
+    for ex in examples
+  ]
   return per_example, [s for row in per_example for s in row]
 
 
@@ -301,8 +357,19 @@ def hf_dirs(tmp_path_factory):
   return out
 
 
-def run_cases(fam, cfg, model, head, ours, cases, rng, seq_extra=3, rope_kwargs_fn=None, second_fn=None,
-              video_tokens=default_video_tokens):
+def run_cases(
+  fam,
+  cfg,
+  model,
+  head,
+  ours,
+  cases,
+  rng,
+  seq_extra=3,
+  rope_kwargs_fn=None,
+  second_fn=None,
+  video_tokens=default_video_tokens,
+):
   """All cases' rows in ONE padded batch (one compilation), checked row by row against PyTorch."""
   names, examples = [], []
   for name, segs in cases.items():
@@ -313,15 +380,23 @@ def run_cases(fam, cfg, model, head, ours, cases, rng, seq_extra=3, rope_kwargs_
   budget = sum(int(np.prod(thw)) for e in examples for _, thw, _ in e["items"])
   budget = -(-(budget + 8) // 4) * 4 if budget else 0
   per_ex, flat = second_fn(examples, rng) if second_fn else ([{}] * len(examples), None)
-  batch = jax_batch(fam, cfg, examples, seq_len, budget,
-                    rope_kwargs=[rope_kwargs_fn(x) for x in per_ex] if rope_kwargs_fn else None)
+  batch = jax_batch(
+    fam,
+    cfg,
+    examples,
+    seq_len,
+    budget,
+    rope_kwargs=[rope_kwargs_fn(x) for x in per_ex] if rope_kwargs_fn else None,
+  )
   inputs = torch_inputs(cfg, examples, seq_len, second_per_grid_ts=flat or None)
   t_hidden, t_rewards = torch_forward(model, head, inputs)
   hidden, rewards = run_ours(ours, batch)
   for i, name in enumerate(names):
-    m = batch["attention_mask"][i:i + 1]
+    m = batch["attention_mask"][i : i + 1]
     try:
-      assert_parity(hidden[i:i + 1], rewards[i:i + 1], t_hidden[i:i + 1], t_rewards[i:i + 1], m)
+      assert_parity(
+        hidden[i : i + 1], rewards[i : i + 1], t_hidden[i : i + 1], t_rewards[i : i + 1], m
+      )
     except AssertionError as e:
       raise AssertionError(f"case {name} (row {i}): {e}") from None
   return batch
@@ -329,9 +404,11 @@ def run_cases(fam, cfg, model, head, ours, cases, rng, seq_extra=3, rope_kwargs_
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_parity_all_cases(hf_dirs, seed):
-  """Loaded through hf_io from a transformers-saved directory, every case matches PyTorch within 1e-4:
-  one image, several images of different sizes, video, no image, a long prompt, and a padded mixed batch
-  (all in one batch, so examples also cannot leak into each other), then a batch without any vision."""
+  """Loaded through hf_io from a transformers-saved directory, every case matches PyTorch within
+  1e-4: one image, several images of different sizes, video, no image, a long prompt, and a padded
+  mixed batch
+  (all in one batch, so examples also cannot leak into each other), then a batch without any
+  vision."""
   fam = get_family(FAMILY)
   cfg, model, head, path = hf_dirs[seed]
   ours = hf_io.load_hf(path)
@@ -342,36 +419,51 @@ def test_parity_all_cases(hf_dirs, seed):
 
 
 def test_rope_index_matches_transformers(hf_dirs):
-  """Position ids (text, images, videos with fractional seconds per grid) equal transformers' get_rope_index."""
+  """Position ids (text, images, videos with fractional seconds per grid) equal transformers'
+  get_rope_index."""
   fam = get_family(FAMILY)
   cfg, model, _, _ = hf_dirs[0]
   rng = np.random.default_rng(3)
   examples = [make_example(cfg, s, rng) for s in CASES["mixed_batch"] + CASES["video"]]
   per_ex, flat = _second_per_grid_ts(examples, rng)
   seq_len = max(len(e["ids"]) for e in examples) + 2
-  batch = jax_batch(fam, cfg, examples, seq_len, 4096, rope_kwargs=[{"second_per_grid_ts": s} for s in per_ex])
+  batch = jax_batch(
+    fam, cfg, examples, seq_len, 4096, rope_kwargs=[{"second_per_grid_ts": s} for s in per_ex]
+  )
   inputs = torch_inputs(cfg, examples, seq_len, second_per_grid_ts=flat)
-  want, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                       inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-                                       second_per_grid_ts=inputs["second_per_grid_ts"],
-                                       attention_mask=inputs["attention_mask"])
+  want, _ = model.model.get_rope_index(
+    inputs["input_ids"],
+    inputs["mm_token_type_ids"],
+    inputs.get("image_grid_thw"),
+    inputs.get("video_grid_thw"),
+    second_per_grid_ts=inputs["second_per_grid_ts"],
+    attention_mask=inputs["attention_mask"],
+  )
   m = batch["attention_mask"].astype(bool)
   np.testing.assert_array_equal(batch["position_ids"][:, m], want.numpy()[:, m])
   # the videos' temporal ids really are spaced by tokens_per_second * seconds, not by 1
   ex = examples[-1]
   grids = np.asarray([thw for _, thw, _ in ex["items"]])
-  unit_steps = fam.mrope_positions(ex["ids"], grids, cfg.image_token_id, cfg.video_token_id, cfg.merge_size)
-  assert not np.array_equal(unit_steps, fam.rope_index(ex["ids"], grids, cfg, second_per_grid_ts=per_ex[-1]))
+  unit_steps = fam.mrope_positions(
+    ex["ids"], grids, cfg.image_token_id, cfg.video_token_id, cfg.merge_size
+  )
+  assert not np.array_equal(
+    unit_steps, fam.rope_index(ex["ids"], grids, cfg, second_per_grid_ts=per_ex[-1])
+  )
 
 
-@pytest.mark.parametrize("grids", [[(1, 8, 12)], [(1, 6, 10), (2, 4, 4), (1, 2, 2)], [(3, 16, 16), (1, 10, 14)]])
+@pytest.mark.parametrize(
+  "grids", [[(1, 8, 12)], [(1, 6, 10), (2, 4, 4), (1, 2, 2)], [(3, 16, 16), (1, 10, 14)]]
+)
 @pytest.mark.parametrize("window_size", [56, 112])
 def test_window_index_matches_transformers(grids, window_size):
   from transformers.vision_utils import get_vision_window_index
+
   fam = get_family(FAMILY)
   idx, cu = fam.window_index(np.asarray(grids), 2, window_size, 14)
-  t_idx, t_cu = get_vision_window_index(torch.tensor(grids), spatial_merge_size=2, window_size=window_size,
-                                        patch_size=14)
+  t_idx, t_cu = get_vision_window_index(
+    torch.tensor(grids), spatial_merge_size=2, window_size=window_size, patch_size=14
+  )
   np.testing.assert_array_equal(idx, t_idx.numpy())
   np.testing.assert_array_equal(cu, t_cu.numpy())
   # the per-patch window ids partition the patches exactly as the reordered cu_window_seqlens do
@@ -383,7 +475,8 @@ def test_window_index_matches_transformers(grids, window_size):
 
 
 def test_legacy_key_names_load(hf_dirs, tmp_path):
-  """An HF directory with the older hub names (`model.layers.*`, `visual.*`) loads to the same rewards."""
+  """An HF directory with the older hub names (`model.layers.*`, `visual.*`) loads to the same
+  rewards."""
   fam = get_family(FAMILY)
   cfg, model, head, _ = hf_dirs[1]
   path = save_hf_dir(model, head, tmp_path / "legacy", legacy_names=True)
@@ -392,8 +485,12 @@ def test_legacy_key_names_load(hf_dirs, tmp_path):
   examples = [make_example(cfg, s, rng) for s in CASES["mixed_batch"]]
   per_ex, flat = _second_per_grid_ts(examples, rng)
   seq_len = max(len(e["ids"]) for e in examples)
-  batch = jax_batch(fam, cfg, examples, seq_len, 512, rope_kwargs=[{"second_per_grid_ts": s} for s in per_ex])
-  _, t_rewards = torch_forward(model, head, torch_inputs(cfg, examples, seq_len, second_per_grid_ts=flat))
+  batch = jax_batch(
+    fam, cfg, examples, seq_len, 512, rope_kwargs=[{"second_per_grid_ts": s} for s in per_ex]
+  )
+  _, t_rewards = torch_forward(
+    model, head, torch_inputs(cfg, examples, seq_len, second_per_grid_ts=flat)
+  )
   _, rewards = run_ours(ours, batch)
   np.testing.assert_allclose(rewards, t_rewards, atol=2e-3, rtol=0)
 
@@ -411,7 +508,8 @@ def test_config_round_trip():
     assert fam.Config.from_hf(cfg.to_hf()) == cfg
     hf = transformers.AutoConfig.for_model(**cfg.to_hf())
     assert fam.Config.from_hf(hf.to_dict()) == cfg
-  # the hub's flat layout: text keys at the top, rope in rope_scaling ("mrope"), `in_chans` in vision_config
+  # the hub's flat layout: text keys at the top, rope in rope_scaling ("mrope"), `in_chans` in
+  # vision_config
   want = fam.PRESETS["qwen2.5-vl-7b"]
   nested = want.to_hf()
   text = nested.pop("text_config")
@@ -419,12 +517,18 @@ def test_config_round_trip():
   vision = nested.pop("vision_config")
   vision["in_chans"] = vision.pop("in_channels")
   text.pop("model_type")
-  flat = dict(nested, **text, vision_config=vision, rope_theta=rope["rope_theta"],
-              rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+  flat = dict(
+    nested,
+    **text,
+    vision_config=vision,
+    rope_theta=rope["rope_theta"],
+    rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
+  )
   assert fam.Config.from_hf(flat) == want
   assert fam.Config.from_hf(transformers.AutoConfig.for_model(**flat).to_dict()) == want
 
 
 def test_end_to_end_processor_and_loader(tmp_path):
-  # frame lists carry no fps: transformers' processor then uses 24 fps, i.e. temporal_patch_size / 24 s per grid
+  # frame lists carry no fps: transformers' processor then uses 24 fps, i.e. temporal_patch_size /
+  # 24 s per grid
   end_to_end_check(FAMILY, tmp_path, seed=2, second_per_grid_ts=[2 / 24])

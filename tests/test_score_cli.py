@@ -1,14 +1,15 @@
-"""`mrm-jax score` end to end on an HF directory saved by transformers (+ LLaMA-Factory value head)."""
+"""`mrm-jax score` end to end on an HF directory saved by transformers (+ LLaMA-Factory value
+head)."""
 
 import json
 import shutil
 
+import model_fixtures as mf
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-import model_fixtures as mf
 from mrm_jax import cli
 from mrm_jax.models import hf_io, load_reward_model
 
@@ -25,12 +26,23 @@ def world(tmp_path_factory):
   for name, (w, h) in {"a.png": (37, 53), "b.png": (300, 97)}.items():
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / "imgs" / name)
   records = [
-      {"id": "r1", "images": ["imgs/a.png"], "question": "What is shown?", "answer": "A red circle."},
-      {"id": "r2", "images": [], "question": "What is 2 + 2?", "answer": "The answer is 4.", "extra": {"k": 1}},
-      {"id": "r3", "images": ["imgs/a.png", "imgs/b.png"], "question": "Image 1: <image> Image 2: <image> Better?",
-       "answer": "Image 2 is better.", "system": "You are a judge."},
-      {"id": "r4", "image": "imgs/b.png", "question": "Describe " * 30, "answer": "No."},
-      {"id": "r5", "images": [], "question": "Hi", "answer": "Hello!"},
+    {"id": "r1", "images": ["imgs/a.png"], "question": "What is shown?", "answer": "A red circle."},
+    {
+      "id": "r2",
+      "images": [],
+      "question": "What is 2 + 2?",
+      "answer": "The answer is 4.",
+      "extra": {"k": 1},
+    },
+    {
+      "id": "r3",
+      "images": ["imgs/a.png", "imgs/b.png"],
+      "question": "Image 1: <image> Image 2: <image> Better?",
+      "answer": "Image 2 is better.",
+      "system": "You are a judge.",
+    },
+    {"id": "r4", "image": "imgs/b.png", "question": "Describe " * 30, "answer": "No."},
+    {"id": "r5", "images": [], "question": "Hi", "answer": "Hello!"},
   ]
   inp = data / "in.jsonl"
   inp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -38,6 +50,7 @@ def world(tmp_path_factory):
   _, proc = load_reward_model(root / "model")
   ref = []
   from mrm_jax.data.records import normalize_scoring
+
   for r in records:
     e = proc.encode(normalize_scoring(r), data, 4096)
     b = {"input_ids": e.input_ids[None], "attention_mask": np.ones((1, e.length), np.int64)}
@@ -48,8 +61,20 @@ def world(tmp_path_factory):
 
 
 def _score(world, model, out, *extra):
-  return cli.main(["score", "--model", str(model), "--input", str(world["inp"]), "--output", str(out),
-                   "--batch-size", "2", *extra])
+  return cli.main(
+    [
+      "score",
+      "--model",
+      str(model),
+      "--input",
+      str(world["inp"]),
+      "--output",
+      str(out),
+      "--batch-size",
+      "2",
+      *extra,
+    ]
+  )
 
 
 def test_scores_match_pytorch_and_keep_order(world, tmp_path):
@@ -58,21 +83,36 @@ def test_scores_match_pytorch_and_keep_order(world, tmp_path):
   lines = [json.loads(x) for x in out.read_text().splitlines()]
   assert [{k: v for k, v in r.items() if k != "score"} for r in lines] == world["records"]
   np.testing.assert_allclose([r["score"] for r in lines], world["ref"], atol=2e-3, rtol=0)
-  assert len(set(np.round(world["ref"], 4))) == len(lines)  # distinct rewards: order is really checked
+  assert len(set(np.round(world["ref"], 4))) == len(
+    lines
+  )  # distinct rewards: order is really checked
 
 
 def test_older_key_names_score_the_same(world, tmp_path):
   d = tmp_path / "legacy"
   shutil.copytree(world["model"], d)
   tensors = load_file(str(d / "model.safetensors"))
-  flipped = {(hf_io.legacy_name(k) if k.startswith("model.language_model.") or k.startswith("model.visual.")
-              else ("model.language_model." + k[6:] if k.startswith("model.") else
-                    "model.visual." + k[7:] if k.startswith("visual.") else k)): v for k, v in tensors.items()}
+  flipped = {
+    (
+      hf_io.legacy_name(k)
+      if k.startswith("model.language_model.") or k.startswith("model.visual.")
+      else (
+        "model.language_model." + k[6:]
+        if k.startswith("model.")
+        else "model.visual." + k[7:]
+        if k.startswith("visual.")
+        else k
+      )
+    ): v
+    for k, v in tensors.items()
+  }
   assert set(flipped) != set(tensors)
   save_file(flipped, str(d / "model.safetensors"))
   out = tmp_path / "out.jsonl"
   assert _score(world, d, out) == 0
-  np.testing.assert_allclose([json.loads(x)["score"] for x in out.read_text().splitlines()], world["ref"], atol=2e-3)
+  np.testing.assert_allclose(
+    [json.loads(x)["score"] for x in out.read_text().splitlines()], world["ref"], atol=2e-3
+  )
 
 
 def test_bfloat16_scoring_runs(world, tmp_path):
@@ -85,17 +125,34 @@ def test_bfloat16_scoring_runs(world, tmp_path):
 
 def test_errors(world, tmp_path, capsys):
   out = tmp_path / "out.jsonl"
-  assert _score(world, world["model"], out, "--image-root", str(tmp_path)) == 2  # images not under that root
+  assert (
+    _score(world, world["model"], out, "--image-root", str(tmp_path)) == 2
+  )  # images not under that root
   err = capsys.readouterr().err
   assert "in.jsonl:1: image 'imgs/a.png'" in err and "not found" in err
   assert not out.exists()
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"images": ["../../x.png"], "question": "q", "answer": "a"}) + "\n")
-  assert cli.main(["score", "--model", str(world["model"]), "--input", str(bad), "--output", str(out)]) == 2
+  assert (
+    cli.main(["score", "--model", str(world["model"]), "--input", str(bad), "--output", str(out)])
+    == 2
+  )
   assert "bad.jsonl:1: image '../../x.png' is outside the image root" in capsys.readouterr().err
   assert not out.exists()
-  assert cli.main(["score", "--model", str(world["model"]), "--input", str(tmp_path / "nope.jsonl"),
-                   "--output", str(out)]) == 2
+  assert (
+    cli.main(
+      [
+        "score",
+        "--model",
+        str(world["model"]),
+        "--input",
+        str(tmp_path / "nope.jsonl"),
+        "--output",
+        str(out),
+      ]
+    )
+    == 2
+  )
   assert "nope.jsonl: no such file" in capsys.readouterr().err
   d = tmp_path / "m"
   shutil.copytree(world["model"], d)
@@ -120,4 +177,6 @@ def test_export_cli_roundtrip(world, tmp_path):
   assert cli.main(["export", "--checkpoint", str(world["model"]), "--output", str(out_dir)]) == 0
   out = tmp_path / "out.jsonl"
   assert _score(world, out_dir, out) == 0
-  np.testing.assert_allclose([json.loads(x)["score"] for x in out.read_text().splitlines()], world["ref"], atol=2e-3)
+  np.testing.assert_allclose(
+    [json.loads(x)["score"] for x in out.read_text().splitlines()], world["ref"], atol=2e-3
+  )

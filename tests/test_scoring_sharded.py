@@ -5,11 +5,11 @@ chunks to a progress log and a stopped run resumes to a byte-identical output.""
 import json
 
 import jax
+import model_fixtures as mf
 import numpy as np
 import pytest
 from PIL import Image
 
-import model_fixtures as mf
 from mrm_jax import cli
 from mrm_jax.data.records import normalize_scoring
 from mrm_jax.evaluate import score_file, scoring
@@ -19,21 +19,56 @@ from mrm_jax.train import sharding as shd
 pytest.importorskip("torch")  # only to build the tiny HF model directory
 
 RECORDS = [
-    {"id": "t1", "images": [], "question": "What is 2 + 2?", "answer": "The answer is 4."},
-    {"id": "i1", "images": ["imgs/a.png"], "question": "What is shown?", "answer": "A red circle."},
-    {"id": "i2", "images": ["imgs/a.png", "imgs/b.png"], "question": "Image 1: <image> Image 2: <image> Better?",
-     "answer": "Image 2 is better.", "system": "You are a judge."},
-    {"id": "t2", "images": [], "question": "Describe " * 12, "answer": "No, the object is a green square."},
-    {"id": "i3", "images": ["imgs/b.png"], "question": "Which image is better?", "answer": "Yes."},
-    {"id": "d1", "images": "imgs/a.png", "question": "What is shown?", "answer": "A red circle."},  # = i1
-    {"id": "s1", "images": ["imgs/a.png"], "question": "What is shown?", "answer": "A red circle.",
-     "system": "You are a judge."},  # i1 with a system prompt: not a duplicate
-    {"id": "p1", "images": ["imgs/a.png"], "question": "What is shown?<image>", "answer": "A red circle."},
-    {"id": "t3", "images": [], "question": "Hi", "answer": "Hello!"},
-    {"id": "d2", "images": [], "question": "What is 2 + 2?", "answer": "The answer is 4."},  # = t1
-    {"id": "i4", "images": ["imgs/b.png", "imgs/a.png"], "question": "Compare.", "answer": "The cat sits on the mat."},
-    {"id": "d3", "images": ["imgs/a.png", "imgs/b.png"], "question": "Image 1: <image> Image 2: <image> Better?",
-     "answer": "Image 2 is better.", "system": "You are a judge."},  # = i2
+  {"id": "t1", "images": [], "question": "What is 2 + 2?", "answer": "The answer is 4."},
+  {"id": "i1", "images": ["imgs/a.png"], "question": "What is shown?", "answer": "A red circle."},
+  {
+    "id": "i2",
+    "images": ["imgs/a.png", "imgs/b.png"],
+    "question": "Image 1: <image> Image 2: <image> Better?",
+    "answer": "Image 2 is better.",
+    "system": "You are a judge.",
+  },
+  {
+    "id": "t2",
+    "images": [],
+    "question": "Describe " * 12,
+    "answer": "No, the object is a green square.",
+  },
+  {"id": "i3", "images": ["imgs/b.png"], "question": "Which image is better?", "answer": "Yes."},
+  {
+    "id": "d1",
+    "images": "imgs/a.png",
+    "question": "What is shown?",
+    "answer": "A red circle.",
+  },  # = i1
+  {
+    "id": "s1",
+    "images": ["imgs/a.png"],
+    "question": "What is shown?",
+    "answer": "A red circle.",
+    "system": "You are a judge.",
+  },  # i1 with a system prompt: not a duplicate
+  {
+    "id": "p1",
+    "images": ["imgs/a.png"],
+    "question": "What is shown?<image>",
+    "answer": "A red circle.",
+  },
+  {"id": "t3", "images": [], "question": "Hi", "answer": "Hello!"},
+  {"id": "d2", "images": [], "question": "What is 2 + 2?", "answer": "The answer is 4."},  # = t1
+  {
+    "id": "i4",
+    "images": ["imgs/b.png", "imgs/a.png"],
+    "question": "Compare.",
+    "answer": "The cat sits on the mat.",
+  },
+  {
+    "id": "d3",
+    "images": ["imgs/a.png", "imgs/b.png"],
+    "question": "Image 1: <image> Image 2: <image> Better?",
+    "answer": "Image 2 is better.",
+    "system": "You are a judge.",
+  },  # = i2
 ]
 UNIQUE = 9
 
@@ -50,7 +85,8 @@ def world(tmp_path_factory):
   (data / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
   model, proc = load_reward_model(root / "model")
   recs = [normalize_scoring(r) for r in RECORDS]
-  # the oracle: each record alone, exactly its own length and patches (no padding, no vmap), one device
+  # the oracle: each record alone, exactly its own length and patches (no padding, no vmap), one
+  # device
   alone = jax.jit(lambda m, b: m(b))
   ref = []
   for r in recs:
@@ -79,13 +115,23 @@ def test_oracle_rewards_are_distinct(world):
   assert len(set(np.round(ref, 5))) == UNIQUE  # a misplaced score cannot go unnoticed
 
 
-@pytest.mark.parametrize("batch_size,mesh_cfg", [(8, {"data": 8}), (11, {"data": 8}),
-                                                  (6, {"data": 2, "fsdp": 2, "tensor": 2})])
+@pytest.mark.parametrize(
+  "batch_size,mesh_cfg",
+  [(8, {"data": 8}), (11, {"data": 8}), (6, {"data": 2, "fsdp": 2, "tensor": 2})],
+)
 def test_sharded_padded_batches_equal_one_at_a_time(world, batch_size, mesh_cfg):
   mesh = shd.make_mesh(mesh_cfg, jax.devices())
   proc = CountingProcessor(world["proc"])
-  got = scoring.score_records(world["model"], proc, world["recs"], world["data"], batch_size, mesh=mesh,
-                              seq_bucket=128, progress=False)
+  got = scoring.score_records(
+    world["model"],
+    proc,
+    world["recs"],
+    world["data"],
+    batch_size,
+    mesh=mesh,
+    seq_bucket=128,
+    progress=False,
+  )
   np.testing.assert_allclose(got, world["ref"], atol=1e-5, rtol=0)
   # duplicates are encoded (and scored) once and get the very same reward
   assert len(proc.encoded) == UNIQUE and sorted(set(proc.encoded)) == sorted(proc.encoded)
@@ -104,23 +150,41 @@ def test_step_rows_round_up_to_the_data_shards():
 def test_small_chunks_and_default_devices_keep_input_order(world):
   """Chunks of 5 records (duplicates of earlier chunks reuse their scores), default devices."""
   proc = CountingProcessor(world["proc"])
-  got = scoring.score_records(world["model"], proc, world["recs"], world["data"], 3, chunk=5, seq_bucket=128,
-                              progress=False)
+  got = scoring.score_records(
+    world["model"], proc, world["recs"], world["data"], 3, chunk=5, seq_bucket=128, progress=False
+  )
   np.testing.assert_allclose(got, world["ref"], atol=1e-5, rtol=0)
   assert len(proc.encoded) == UNIQUE
-  assert scoring.scoring_key({"images": "x.png", "question": "q", "answer": "a"}) == \
-      scoring.scoring_key({"images": ["x.png"], "question": "q", "answer": "a", "id": "other"})
-  assert scoring.scoring_key({"images": [], "question": "q", "answer": "a"}) != \
-      scoring.scoring_key({"images": [], "question": "q", "answer": "a", "system": ""})
+  assert scoring.scoring_key(
+    {"images": "x.png", "question": "q", "answer": "a"}
+  ) == scoring.scoring_key({"images": ["x.png"], "question": "q", "answer": "a", "id": "other"})
+  assert scoring.scoring_key({"images": [], "question": "q", "answer": "a"}) != scoring.scoring_key(
+    {"images": [], "question": "q", "answer": "a", "system": ""}
+  )
 
 
 def _score(world, out, *extra):
-  return cli.main(["score", "--model", str(world["root"] / "model"), "--input", str(world["data"] / "in.jsonl"),
-                   "--output", str(out), "--batch-size", "2", "--chunk-size", "3", *extra])
+  return cli.main(
+    [
+      "score",
+      "--model",
+      str(world["root"] / "model"),
+      "--input",
+      str(world["data"] / "in.jsonl"),
+      "--output",
+      str(out),
+      "--batch-size",
+      "2",
+      "--chunk-size",
+      "3",
+      *extra,
+    ]
+  )
 
 
 def test_cli_stopped_and_resumed_run_is_byte_identical(world, tmp_path, monkeypatch):
   from mrm_jax.models.processor import Processor
+
   calls = []
   encode = Processor.encode
 
@@ -153,7 +217,8 @@ def test_cli_stopped_and_resumed_run_is_byte_identical(world, tmp_path, monkeypa
   assert _score(world, out) == 0
   assert out.read_bytes() == ref.read_bytes()
   assert not progress.exists()
-  # only records after the two logged chunks were encoded; d2 and d3 reused their originals' logged scores
+  # only records after the two logged chunks were encoded; d2 and d3 reused their originals' logged
+  # scores
   assert calls == ["s1", "p1", "t3", "i4"]
 
   # a log written with other settings is not reused

@@ -88,7 +88,7 @@ def test_grad_accumulation_equals_big_batch(setup_data):
   big, _, _ = one_device(cfg, batches)
   acc, _, _ = run_steps(cfg, halves, (1, 1, 1), grad_accum=2)
   # same pairs, same updates: the trajectories agree (Adam amplifies float noise on ~0 gradients, so
-  # parameters are compared through the losses they produce on the following steps; the micro-batches
-  # are padded to their own buckets, which moves the third step's loss by about 1e-5)
+  # parameters are compared through the losses they produce on the following steps; the
+  # micro-batches are padded to their own buckets, which moves the third step's loss by about 1e-5)
   np.testing.assert_allclose(acc[:2], big[:2], atol=1e-5, rtol=0)
   np.testing.assert_allclose(acc, big, atol=3e-5, rtol=0)

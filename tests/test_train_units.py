@@ -194,12 +194,21 @@ def test_throughput_counts_each_rows_images_like_the_peer():
   counts every row's image as the peer does: from the placeholder tokens of each row."""
   from mrm_jax.train.loop import _Throughput
 
-  spec = {"n_lm": 10, "n_vis": 7, "vis_layers": 1, "vis_attn_dim": 2,
-          "vision_token_ids": (5, 6), "patches_per_token": 4}
+  spec = {
+    "n_lm": 10,
+    "n_vis": 7,
+    "vis_layers": 1,
+    "vis_attn_dim": 2,
+    "vision_token_ids": (5, 6),
+    "patches_per_token": 4,
+  }
   ids = np.zeros((1, 2, 8), np.int32)  # one micro-batch: a pair's chosen and rejected rows
   ids[0, :, 1:4] = 5  # 3 image tokens per row = 12 patches per row
-  host = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-          "vision_segment_ids": np.array([[1] * 12 + [0] * 4])}  # the shared image, once
+  host = {
+    "input_ids": ids,
+    "attention_mask": np.ones_like(ids),
+    "vision_segment_ids": np.array([[1] * 12 + [0] * 4]),
+  }  # the shared image, once
   t = _Throughput(spec, peak=None, n_devices=1)
   t.add(host, micro=1)
   assert t.flops == pytest.approx(mx.step_flops(spec, 2, 8, 24))

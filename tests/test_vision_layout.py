@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from test_qwen2_5_vl import jax_batch, make_example, tiny_config  # noqa: E402  (shared helpers)
 from test_qwen3_vl import frame_video_tokens  # noqa: E402
 
@@ -20,9 +19,11 @@ from mrm_jax.train.step import split_model
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 # chosen rows 0-2, rejected rows 3-5 (each with its chosen row's vision items, other text)
-VISION = [[("image", (1, 6, 6)), ("video", (2, 4, 8))],
-          [],
-          [("image", (1, 10, 4)), ("image", (1, 2, 2)), ("image", (1, 4, 4))]]
+VISION = [
+  [("image", (1, 6, 6)), ("video", (2, 4, 8))],
+  [],
+  [("image", (1, 10, 4)), ("image", (1, 2, 2)), ("image", (1, 4, 4))],
+]
 
 
 def _segments(items, rng, n_text):
@@ -37,8 +38,9 @@ def _examples(family, cfg, seed=0):
   rng = np.random.default_rng(seed)
   video_tokens = frame_video_tokens if family == "qwen3_vl" else None
   kw = {} if video_tokens is None else {"video_tokens": video_tokens}
-  chosen = [make_example(cfg, _segments(v, rng, 4 + 3 * i), rng, **kw)
-            for i, v in enumerate(VISION)]
+  chosen = [
+    make_example(cfg, _segments(v, rng, 4 + 3 * i), rng, **kw) for i, v in enumerate(VISION)
+  ]
   rejected = []
   for c, v in zip(chosen, VISION):
     r = make_example(cfg, _segments(v, rng, 9), rng, **kw)
@@ -50,12 +52,20 @@ def _examples(family, cfg, seed=0):
 def _encoded(fam, cfg, ex):
   grids = np.asarray([thw for _, thw, _ in ex["items"]], np.int32).reshape(-1, 3)
   dim = cfg.vision.patch_dim
-  pixels = (np.concatenate([px for _, _, px in ex["items"]]) if ex["items"]
-            else np.zeros((0, dim), np.float32))
+  pixels = (
+    np.concatenate([px for _, _, px in ex["items"]])
+    if ex["items"]
+    else np.zeros((0, dim), np.float32)
+  )
   ids = ex["ids"].astype(np.int32)
-  return Encoded(ids, fam.rope_index(ids, grids, cfg).astype(np.int32), pixels, grids,
-                 fam.vision_patch_arrays(grids, cfg),
-                 vision_kinds=tuple(k for k, _, _ in ex["items"]))
+  return Encoded(
+    ids,
+    fam.rope_index(ids, grids, cfg).astype(np.int32),
+    pixels,
+    grids,
+    fam.vision_patch_arrays(grids, cfg),
+    vision_kinds=tuple(k for k, _, _ in ex["items"]),
+  )
 
 
 def _loss_and_grads(model_args, batch, freeze_vision):
@@ -73,13 +83,19 @@ def _loss_and_grads(model_args, batch, freeze_vision):
 
 def _assert_same(a, b, what):
   (la, ra, ga), (lb, rb, gb) = a, b
-  np.testing.assert_allclose(np.asarray(ra), np.asarray(rb), atol=1e-5, rtol=0,
-                             err_msg=f"{what} rewards")
+  np.testing.assert_allclose(
+    np.asarray(ra), np.asarray(rb), atol=1e-5, rtol=0, err_msg=f"{what} rewards"
+  )
   np.testing.assert_allclose(float(la), float(lb), atol=1e-6, rtol=0)
   assert [k for k, _ in ga] == [k for k, _ in gb]
   for (k, x), (_, y) in zip(ga, gb):
-    np.testing.assert_allclose(np.asarray(x.get_value()), np.asarray(y.get_value()), atol=1e-5,
-                               rtol=1e-5, err_msg=f"{what} {k}")
+    np.testing.assert_allclose(
+      np.asarray(x.get_value()),
+      np.asarray(y.get_value()),
+      atol=1e-5,
+      rtol=1e-5,
+      err_msg=f"{what} {k}",
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -100,15 +116,24 @@ def test_per_item_attention_and_shared_vision_match_the_masked_path(family):
 
   # collate with image-once pairs: half the patches, rejected rows read their chosen row's tokens
   enc = [_encoded(fam, cfg, e) for e in examples]
-  shared = collate(enc, seq_len, patches // 2 + 8, merge_size=cfg.merge_size,
-                   patch_dim=cfg.vision.patch_dim, share=pair_share(len(enc)))
+  shared = collate(
+    enc,
+    seq_len,
+    patches // 2 + 8,
+    merge_size=cfg.merge_size,
+    patch_dim=cfg.vision.patch_dim,
+    share=pair_share(len(enc)),
+  )
   assert int((shared["vision_segment_ids"] > 0).sum()) == patches // 2
   offsets = shared["vision_token_offset"]
   np.testing.assert_array_equal(offsets[3:], offsets[:3])
   for freeze in (False, True):
     got = _loss_and_grads((family, cfg), shared, freeze)
-    _assert_same(got, ref if not freeze else _loss_and_grads((family, cfg), masked, True),
-                 f"{family} shared freeze={freeze}")
+    _assert_same(
+      got,
+      ref if not freeze else _loss_and_grads((family, cfg), masked, True),
+      f"{family} shared freeze={freeze}",
+    )
 
 
 def test_item_layout_shapes_and_padding():
@@ -120,8 +145,16 @@ def test_item_layout_shapes_and_padding():
   assert slot[5].tolist() == [0, 2] and slot[6].tolist() == [0, 0]
   with pytest.raises(ValueError, match="do not fit"):
     vision_layout.item_layout(seg, rows=2, width=8)
-  assert [vision_layout.ladder(n) for n in (1, 4, 5, 8, 9, 1000, 1024, 1025)] == \
-      [1, 4, 5, 8, 10, 1024, 1024, 1280]
+  assert [vision_layout.ladder(n) for n in (1, 4, 5, 8, 9, 1000, 1024, 1025)] == [
+    1,
+    4,
+    5,
+    8,
+    10,
+    1024,
+    1024,
+    1280,
+  ]
   assert vision_layout.ladder(17, unit=4) == 20
 
 

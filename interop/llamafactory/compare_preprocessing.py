@@ -12,16 +12,37 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from llamafactory.data.mm_plugin import get_mm_plugin  # noqa: E402
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import (  # noqa: E402
+  Qwen2VLImageProcessor,
+)
 
 from mrm_jax.models.processor import llamafactory_image, process_image  # noqa: E402
 
 FAMILIES = {
-    "qwen2_vl": (dict(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56,
-                      max_pixels=28 * 28 * 1280, image_mean=[0.48145466, 0.4578275, 0.40821073],
-                      image_std=[0.26862954, 0.26130258, 0.27577711]), "qwen2_vl"),
-    "qwen3_vl": (dict(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=65536,
-                      max_pixels=16777216, image_mean=[0.5] * 3, image_std=[0.5] * 3), "qwen3_vl"),
+  "qwen2_vl": (
+    dict(
+      patch_size=14,
+      temporal_patch_size=2,
+      merge_size=2,
+      min_pixels=56 * 56,
+      max_pixels=28 * 28 * 1280,
+      image_mean=[0.48145466, 0.4578275, 0.40821073],
+      image_std=[0.26862954, 0.26130258, 0.27577711],
+    ),
+    "qwen2_vl",
+  ),
+  "qwen3_vl": (
+    dict(
+      patch_size=16,
+      temporal_patch_size=2,
+      merge_size=2,
+      min_pixels=65536,
+      max_pixels=16777216,
+      image_mean=[0.5] * 3,
+      image_std=[0.5] * 3,
+    ),
+    "qwen3_vl",
+  ),
 }
 
 
@@ -40,20 +61,28 @@ def main():
   for family, (settings, plugin_name) in FAMILIES.items():
     plugin = get_mm_plugin(plugin_name, image_token="<|image_pad|>", video_token="<|video_pad|>")
     size = {"shortest_edge": settings["min_pixels"], "longest_edge": settings["max_pixels"]}
-    hf = Qwen2VLImageProcessor(patch_size=settings["patch_size"], merge_size=2,
-                               temporal_patch_size=2, size=size,
-                               image_mean=settings["image_mean"], image_std=settings["image_std"])
+    hf = Qwen2VLImageProcessor(
+      patch_size=settings["patch_size"],
+      merge_size=2,
+      temporal_patch_size=2,
+      size=size,
+      image_mean=settings["image_mean"],
+      image_std=settings["image_std"],
+    )
     for name, im in images(rng):
-      lf_img = plugin._regularize_images([im], image_max_pixels=768 * 768,
-                                         image_min_pixels=32 * 32)["images"][0]
+      lf_img = plugin._regularize_images(
+        [im], image_max_pixels=768 * 768, image_min_pixels=32 * 32
+      )["images"][0]
       ref = hf(images=[lf_img], return_tensors="np")
       ours, thw = process_image(llamafactory_image(im), settings, backend="torchvision")
       lf_grid = tuple(int(x) for x in ref["image_grid_thw"][0])
       same_grid = lf_grid == tuple(int(x) for x in thw)
       diff = float(np.abs(ours - ref["pixel_values"]).max()) if same_grid else float("inf")
       worst = max(worst, diff)
-      print(f"{family:9s} {name:13s} grid {tuple(int(x) for x in thw)} LF {lf_grid} "
-            f"max|diff| {diff:.3g}")
+      print(
+        f"{family:9s} {name:13s} grid {tuple(int(x) for x in thw)} LF {lf_grid} "
+        f"max|diff| {diff:.3g}"
+      )
   print(f"worst max|diff| {worst:.3g}")
   return 0 if worst < 1e-5 else 1
 

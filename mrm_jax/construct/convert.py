@@ -22,15 +22,27 @@ from mrm_jax.data.records import llamafactory_record, rebase_images
 from mrm_jax.errors import UserError
 from mrm_jax.io import write_jsonl
 
-FORMATS = ("canonical", "llamafactory", "rlaif_v", "vlfeedback", "mm_rlhf", "pickapic", "hpdv2",
-           "imagereward", "vl_rewardbench", "multimodal_rewardbench", "mm_rlhf_rewardbench")
+FORMATS = (
+  "canonical",
+  "llamafactory",
+  "rlaif_v",
+  "vlfeedback",
+  "mm_rlhf",
+  "pickapic",
+  "hpdv2",
+  "imagereward",
+  "vl_rewardbench",
+  "multimodal_rewardbench",
+  "mm_rlhf_rewardbench",
+)
 OUTPUT_FORMATS = ("canonical", "llamafactory")
 
 log = logging.getLogger(__name__)
 
 
-def write_pairs(path, pairs: list[dict], fmt: str = "canonical", source_root=None,
-                keep=frozenset()) -> int:
+def write_pairs(
+  path, pairs: list[dict], fmt: str = "canonical", source_root=None, keep=frozenset()
+) -> int:
   """Writes canonical `pairs` atomically as `fmt` records; returns how many. Image paths relative
   to `source_root` (the input's folder) are rebased onto the output's folder (`rebase_images`)."""
   if source_root is not None:
@@ -40,8 +52,9 @@ def write_pairs(path, pairs: list[dict], fmt: str = "canonical", source_root=Non
   return write_jsonl(path, pairs)
 
 
-def convert(input_path, fmt: str, output, out_format: str = "canonical", image_dir=None,
-            seed: int = 42) -> int:
+def convert(
+  input_path, fmt: str, output, out_format: str = "canonical", image_dir=None, seed: int = 42
+) -> int:
   """Converts and writes atomically; returns the number of records written."""
   output = Path(output)
   out_dir = output.resolve().parent
@@ -50,8 +63,9 @@ def convert(input_path, fmt: str, output, out_format: str = "canonical", image_d
     raise UserError(f"--image-dir {image_dir} must lie inside the output's folder {out_dir}")
   store = readers.ImageStore(image_dir, relative_to=out_dir)
   try:
-    items = list(tqdm(readers.read(input_path, fmt, store), desc=f"convert {fmt}", unit=" rec",
-                      disable=None))
+    items = list(
+      tqdm(readers.read(input_path, fmt, store), desc=f"convert {fmt}", unit=" rec", disable=None)
+    )
     records = [r for _, r in items]
     if fmt in readers.T2I_FORMATS:
       records = t2i.reformulate(records, seed=seed, wheres=[w for w, _ in items])
@@ -60,6 +74,12 @@ def convert(input_path, fmt: str, output, out_format: str = "canonical", image_d
   except BaseException:
     store.remove_created()
     raise
-  log.info("wrote %d %s records to %s (%d new images in %s)", n, out_format, output,
-           len(store.created), image_dir)
+  log.info(
+    "wrote %d %s records to %s (%d new images in %s)",
+    n,
+    out_format,
+    output,
+    len(store.created),
+    image_dir,
+  )
   return n

@@ -32,14 +32,15 @@ import dataclasses
 import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from mrm_jax.data.ordering import epoch_order
-from mrm_jax.data.records import normalize_pair, resolve_image
+from mrm_jax.data.records import normalize_pair, pair_to_scoring, resolve_image
 from mrm_jax.errors import UserError, at
 from mrm_jax.io import is_json_list, read_json_or_jsonl, scan_jsonl
 
@@ -54,13 +55,16 @@ BAD_INPUT_ERRORS = (UserError, OSError, ValueError, SyntaxError, Image.Decompres
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One input record: where it came from, the raw dict (None if unreadable) and its image root."""
+
   where: str
   record: dict | None
   image_root: str
   error: str | None = None
 
 
-def load_entries(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Entry]:
+def load_entries(
+  path: str | os.PathLike, image_root: str | os.PathLike | None = None
+) -> list[Entry]:
   """Reads a pair file (canonical or LLaMA-Factory; JSONL or a JSON list) tolerantly.
 
   A JSONL line that the project's JSON reader refuses (malformed, not UTF-8, NaN, a number too
@@ -104,9 +108,15 @@ def _frames(video, entry: Entry) -> list[str]:
   if isinstance(video, list):
     return video
   folder = resolve_image(str(video), entry.image_root, entry.where)
-  frames = sorted(f for f in folder.iterdir() if f.suffix.lower() in _FRAME_EXTS) if folder.is_dir() else []
+  frames = (
+    sorted(f for f in folder.iterdir() if f.suffix.lower() in _FRAME_EXTS)
+    if folder.is_dir()
+    else []
+  )
   if not frames:
-    raise UserError(f"{entry.where}: video '{video}' is not a folder of frames under {entry.image_root}")
+    raise UserError(
+      f"{entry.where}: video '{video}' is not a folder of frames under {entry.image_root}"
+    )
   root = Path(entry.image_root).resolve()
   return [f.relative_to(root).as_posix() for f in frames]
 
@@ -115,8 +125,10 @@ def _pick(sizes: Sequence[int], need: int, what: str) -> int:
   for s in sorted(sizes):
     if s >= need:
       return s
-  raise UserError(f"a batch needs {need} {what}, more than the largest configured ({max(sizes)}); "
-                  f"raise it or lower the batch size / image resolution")
+  raise UserError(
+    f"a batch needs {need} {what}, more than the largest configured ({max(sizes)}); "
+    f"raise it or lower the batch size / image resolution"
+  )
 
 
 def _next_pow2(n: int) -> int:
@@ -132,6 +144,7 @@ def pick_patch_budget(need: int, budgets: Sequence[int] | None) -> int:
 @dataclasses.dataclass
 class _Failure:
   """An exception raised in a tf.data worker, parked to be re-raised in the consumer."""
+
   error: BaseException
 
 
@@ -152,17 +165,36 @@ class PairPipeline:
     `collate_fn(..., share=[None] * B + [0..B-1])` (its rows read the chosen rows' vision tokens).
   """
 
-  def __init__(self, entries: Sequence[Entry], *, encode_fn: Callable, collate_fn: Callable,
-               length_fn: Callable[[Any], int], patches_fn: Callable[[Any], int], batch_size: int,
-               seq_lens: Sequence[int], patch_budgets: Sequence[int] | None = None, seed: int = 0,
-               shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
-               process_count: int = 1, max_skip_rate: float = 0.01, min_checked: int = 100,
-               num_parallel_calls: int = 4, prefetch: int = 2, lengths: Sequence[int] | None = None,
-               group_batches: int = 0, share_vision: bool = False):
+  def __init__(
+    self,
+    entries: Sequence[Entry],
+    *,
+    encode_fn: Callable,
+    collate_fn: Callable,
+    length_fn: Callable[[Any], int],
+    patches_fn: Callable[[Any], int],
+    batch_size: int,
+    seq_lens: Sequence[int],
+    patch_budgets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_skip_rate: float = 0.01,
+    min_checked: int = 100,
+    num_parallel_calls: int = 4,
+    prefetch: int = 2,
+    lengths: Sequence[int] | None = None,
+    group_batches: int = 0,
+    share_vision: bool = False,
+  ):
     if not entries:
       raise UserError("the training data holds no records")
     if batch_size % process_count:
-      raise UserError(f"batch size {batch_size} is not divisible by the number of hosts {process_count}")
+      raise UserError(
+        f"batch size {batch_size} is not divisible by the number of hosts {process_count}"
+      )
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     self.entries = list(entries)
@@ -179,7 +211,9 @@ class PairPipeline:
     self.num_parallel_calls, self.prefetch = max(1, int(num_parallel_calls)), max(1, int(prefetch))
     self.shard_len = len(range(process_index, len(self.entries), process_count))
     if self.shard_len == 0:
-      raise UserError(f"host {process_index} of {process_count} gets no records ({len(self.entries)} in all)")
+      raise UserError(
+        f"host {process_index} of {process_count} gets no records ({len(self.entries)} in all)"
+      )
     self._epoch, self._position = 0, 0
     self.seen = self.skipped = 0
     self._logged: set[int] = set()
@@ -191,23 +225,40 @@ class PairPipeline:
   # ------------------------------------------------------------------ order and state
   def shard(self, epoch: int) -> np.ndarray:
     """The record indices this host reads in `epoch`, in order."""
-    order = epoch_order(len(self.entries), seed=self.seed, epoch=epoch, shuffle=self.shuffle,
-                        lengths=self.lengths, batch_size=self.local_batch * self.process_count,
-                        group_batches=self.group_batches)
-    return order[self.process_index::self.process_count]
+    order = epoch_order(
+      len(self.entries),
+      seed=self.seed,
+      epoch=epoch,
+      shuffle=self.shuffle,
+      lengths=self.lengths,
+      batch_size=self.local_batch * self.process_count,
+      group_batches=self.group_batches,
+    )
+    return order[self.process_index :: self.process_count]
 
   def get_state(self) -> dict:
-    return {"epoch": self._epoch, "position": self._position, "seen": self.seen, "skipped": self.skipped,
-            "seed": self.seed, "process_index": self.process_index, "process_count": self.process_count}
+    return {
+      "epoch": self._epoch,
+      "position": self._position,
+      "seen": self.seen,
+      "skipped": self.skipped,
+      "seed": self.seed,
+      "process_index": self.process_index,
+      "process_count": self.process_count,
+    }
 
   def set_state(self, state: dict) -> None:
     for key in ("seed", "process_index", "process_count"):
       if key in state and state[key] != getattr(self, key):
-        raise UserError(f"data iterator state was saved with {key}={state[key]}, "
-                        f"this run has {key}={getattr(self, key)}")
+        raise UserError(
+          f"data iterator state was saved with {key}={state[key]}, "
+          f"this run has {key}={getattr(self, key)}"
+        )
     epoch, position = int(state["epoch"]), int(state["position"])
     if not 0 <= position <= self.shard_len:
-      raise UserError(f"data iterator position {position} is outside this host's shard ({self.shard_len})")
+      raise UserError(
+        f"data iterator position {position} is outside this host's shard ({self.shard_len})"
+      )
     self._epoch, self._position = epoch, position
     self.seen, self.skipped = int(state.get("seen", 0)), int(state.get("skipped", 0))
     self._reset()
@@ -242,7 +293,6 @@ class PairPipeline:
     max_len = self.seq_lens[-1]
     try:
       pair, _ = check_pair(entry)
-      from mrm_jax.data.records import pair_to_scoring
       chosen, rejected = pair_to_scoring(pair)
       if pair.get("videos"):
         chosen["videos"] = rejected["videos"] = pair["videos"]
@@ -253,7 +303,9 @@ class PairPipeline:
       msg = str(e) if isinstance(e, UserError) else f"{entry.where}: {type(e).__name__}: {e}"
       self._skip(int(index), msg)
       return np.int64(-1)
-    except Exception as e:  # a bug, not bad data: carried to the consumer and raised there as itself
+    except (
+      Exception
+    ) as e:  # a bug, not bad data: carried to the consumer and raised there as itself
       return np.int64(self._park(_Failure(e)))
     offset = int(epoch) * self.shard_len + int(position)
     return np.int64(self._park((offset, examples, float(pair.get("strength") or 0.0))))
@@ -265,7 +317,9 @@ class PairPipeline:
       return np.int64(self._park(failures[0]))
     try:
       return np.int64(self._park(self._collate_items(items)))
-    except Exception as e:  # raised in the consumer's thread, where the CLI turns UserError into one line
+    except (
+      Exception
+    ) as e:  # raised in the consumer's thread, where the CLI turns UserError into one line
       return np.int64(self._park(_Failure(e)))
 
   def _collate_items(self, items):
@@ -288,16 +342,24 @@ class PairPipeline:
       epoch, position = epoch + 1, 0
 
   def _dataset(self):
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: PLC0415 - optional: the accelerator box has no TensorFlow
+
     start = (self._epoch, self._position)
-    ds = tf.data.Dataset.from_generator(lambda: self._index_stream(*start),
-                                        output_signature=(tf.TensorSpec((), tf.int64),) * 3)
-    ds = ds.map(lambda e, p, i: tf.numpy_function(self._encode, [e, p, i], tf.int64, stateful=True),
-                num_parallel_calls=self.num_parallel_calls, deterministic=True)
+    ds = tf.data.Dataset.from_generator(
+      lambda: self._index_stream(*start), output_signature=(tf.TensorSpec((), tf.int64),) * 3
+    )
+    ds = ds.map(
+      lambda e, p, i: tf.numpy_function(self._encode, [e, p, i], tf.int64, stateful=True),
+      num_parallel_calls=self.num_parallel_calls,
+      deterministic=True,
+    )
     ds = ds.filter(lambda k: k >= 0)
     ds = ds.batch(self.local_batch, drop_remainder=True)
-    ds = ds.map(lambda ks: tf.numpy_function(self._collate, [ks], tf.int64, stateful=True),
-                num_parallel_calls=max(1, self.num_parallel_calls // 2), deterministic=True)
+    ds = ds.map(
+      lambda ks: tf.numpy_function(self._collate, [ks], tf.int64, stateful=True),
+      num_parallel_calls=max(1, self.num_parallel_calls // 2),
+      deterministic=True,
+    )
     options = tf.data.Options()
     options.deterministic = True
     options.threading.private_threadpool_size = self.num_parallel_calls + 1
@@ -329,15 +391,21 @@ class PairPipeline:
     self.skipped += consumed - self.local_batch
     self._epoch, self._position = divmod(last_offset + 1, self.shard_len)
     if self.seen >= self.min_checked and self.skipped > self.max_skip_rate * self.seen:
-      raise UserError(f"{self.skipped} of {self.seen} records could not be used "
-                      f"({self.skipped / self.seen:.1%} > max_skip_rate {self.max_skip_rate:.1%}); "
-                      "see the warnings above for file:line of each")
+      raise UserError(
+        f"{self.skipped} of {self.seen} records could not be used "
+        f"({self.skipped / self.seen:.1%} > max_skip_rate {self.max_skip_rate:.1%}); "
+        "see the warnings above for file:line of each"
+      )
     return batch
 
 
 def from_processor(entries: Sequence[Entry], processor, **kwargs) -> PairPipeline:
   """A PairPipeline using the model's `mrm_jax.models.processor.Processor` for encode/collate."""
-  return PairPipeline(entries, encode_fn=processor.encode, collate_fn=processor.collate,
-                      length_fn=lambda e: e.length, patches_fn=lambda e: e.num_patches,
-                      **dict({"share_vision": True}, **kwargs))
-
+  return PairPipeline(
+    entries,
+    encode_fn=processor.encode,
+    collate_fn=processor.collate,
+    length_fn=lambda e: e.length,
+    patches_fn=lambda e: e.num_patches,
+    **dict({"share_vision": True}, **kwargs),
+  )

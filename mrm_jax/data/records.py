@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mrm_jax.errors import UserError, at
 from mrm_jax.io import iter_jsonl, json_type, read_json_or_jsonl
@@ -38,12 +38,19 @@ VIDEO_PLACEHOLDER = "<video>"
 
 # The reward-model system prompt attached to constructed pairs (DESIGN §7.6, §8).
 REWARD_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Given an image (or images) and a question, answer accurately, "
-    "faithfully to what the image shows, and helpfully.")
+  "You are a helpful assistant. Given an image (or images) and a question, answer accurately, "
+  "faithfully to what the image shows, and helpfully."
+)
 
 
-_KINDS = {str: "a string", list: "a list", dict: "an object", bytes: "bytes", int: "an integer",
-          float: "a number"}
+_KINDS = {
+  str: "a string",
+  list: "a list",
+  dict: "an object",
+  bytes: "bytes",
+  int: "an integer",
+  float: "a number",
+}
 
 
 def describe_types(types) -> str:
@@ -57,7 +64,9 @@ def _require(record: dict, key: str, types, where: str):
     raise UserError(f"{where}: missing field '{key}'")
   value = record[key]
   if not isinstance(value, types) or isinstance(value, bool):
-    raise UserError(f"{where}: field '{key}' should be {describe_types(types)}, got {json_type(value)}")
+    raise UserError(
+      f"{where}: field '{key}' should be {describe_types(types)}, got {json_type(value)}"
+    )
   return value
 
 
@@ -67,8 +76,13 @@ def _optional(record: dict, key: str, types, where: str):
 
 
 def is_finite_number(value) -> bool:
-  """A JSON number usable as a float: not true/false, NaN or infinite, nor an integer beyond float range."""
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+  """A JSON number usable as a float: not true/false, NaN or infinite, nor an integer beyond float
+  range."""
+  return (
+    isinstance(value, (int, float))
+    and not isinstance(value, bool)
+    and abs(value) <= sys.float_info.max
+  )
 
 
 def record_id(record: dict, where: str) -> str:
@@ -77,7 +91,9 @@ def record_id(record: dict, where: str) -> str:
   if value is None:
     return ""
   if isinstance(value, bool) or not isinstance(value, (str, int)):
-    raise UserError(f"{where}: field 'id' should be a string (or an integer), got {json_type(value)}")
+    raise UserError(
+      f"{where}: field 'id' should be a string (or an integer), got {json_type(value)}"
+    )
   return str(value)
 
 
@@ -99,8 +115,12 @@ def _check_videos(record: dict, where: str) -> None:
   if videos is None:
     return
   if not isinstance(videos, list) or not all(
-      isinstance(v, str) or (isinstance(v, list) and all(isinstance(f, str) for f in v)) for v in videos):
-    raise UserError(f"{where}: field 'videos' should be a list of frame folders or of lists of frame paths")
+    isinstance(v, str) or (isinstance(v, list) and all(isinstance(f, str) for f in v))
+    for v in videos
+  ):
+    raise UserError(
+      f"{where}: field 'videos' should be a list of frame folders or of lists of frame paths"
+    )
 
 
 def _check_common(record: dict, where: str) -> None:
@@ -115,10 +135,15 @@ def is_llamafactory(record: dict) -> bool:
 
 def _turn(value, name: str, where: str) -> str:
   """A sharegpt turn {"from": str, "value": str} → its value."""
-  if (not isinstance(value, dict) or not isinstance(value.get("value"), str)
-      or not isinstance(value.get("from", ""), str)):
-    raise UserError(f"{where}: '{name}' should be an object with a string 'value' (and 'from'), "
-                    f"got {json_type(value)}" + (f" {value!r:.60}" if isinstance(value, dict) else ""))
+  if (
+    not isinstance(value, dict)
+    or not isinstance(value.get("value"), str)
+    or not isinstance(value.get("from", ""), str)
+  ):
+    raise UserError(
+      f"{where}: '{name}' should be an object with a string 'value' (and 'from'), "
+      f"got {json_type(value)}" + (f" {value!r:.60}" if isinstance(value, dict) else "")
+    )
   return value["value"]
 
 
@@ -132,11 +157,11 @@ def from_llamafactory(record: dict, where: str = "record") -> dict:
   if len(conv) != 1:
     raise UserError(f"{where}: multi-turn conversations are not supported (got {len(conv)} turns)")
   pair = {
-      "id": record_id(record, where),
-      "images": _images(record, where),
-      "question": conv[-1]["value"],
-      "chosen": _turn(record.get("chosen"), "chosen", where),
-      "rejected": _turn(record.get("rejected"), "rejected", where),
+    "id": record_id(record, where),
+    "images": _images(record, where),
+    "question": conv[-1]["value"],
+    "chosen": _turn(record.get("chosen"), "chosen", where),
+    "rejected": _turn(record.get("rejected"), "rejected", where),
   }
   side = _side_fields(record, where)
   system = _optional(record, "system", str, where)
@@ -144,9 +169,12 @@ def from_llamafactory(record: dict, where: str = "record") -> dict:
     pair["system"] = system
   side.pop("system", None)
   prepended = side.pop(_PREPENDED, 0)
-  if (isinstance(prepended, int) and prepended > 0
-      and pair["question"].startswith(IMAGE_PLACEHOLDER * prepended)):
-    pair["question"] = pair["question"][len(IMAGE_PLACEHOLDER) * prepended:]
+  if (
+    isinstance(prepended, int)
+    and prepended > 0
+    and pair["question"].startswith(IMAGE_PLACEHOLDER * prepended)
+  ):
+    pair["question"] = pair["question"][len(IMAGE_PLACEHOLDER) * prepended :]
   known = {"id", "images", "videos", "conversations", "chosen", "rejected", "system", SIDE_FIELD}
   extra = {k: v for k, v in record.items() if k not in known}
   has_meta = "meta" in side
@@ -275,8 +303,8 @@ def normalize_scoring(record: dict, where: str = "record") -> dict:
 
 
 def check_judgment(record: dict, where: str) -> dict:
-  """A judgment record (DESIGN §3.2) → a copy with `id` as a string and `where` added, the types of the
-  fields the steps read checked: `id` (string or integer), `mode`, `raw` and `error` (strings or
+  """A judgment record (DESIGN §3.2) → a copy with `id` as a string and `where` added, the types of
+  the fields the steps read checked: `id` (string or integer), `mode`, `raw` and `error` (strings or
   null). Whether `order` and `scores` make a valid judgment is each step's call (an invalid judgment
   is counted, not an error), so they are not checked here."""
   if record.get("id") is None:
@@ -300,8 +328,10 @@ def pair_to_scoring(pair: dict) -> tuple[dict, dict]:
   if pair.get("system") is not None:
     base["system"] = pair["system"]
   pid = pair.get("id", "")
-  return ({"id": f"{pid}:chosen", **base, "answer": pair["chosen"]},
-          {"id": f"{pid}:rejected", **base, "answer": pair["rejected"]})
+  return (
+    {"id": f"{pid}:chosen", **base, "answer": pair["chosen"]},
+    {"id": f"{pid}:rejected", **base, "answer": pair["rejected"]},
+  )
 
 
 def clean_question(question: str) -> str:
@@ -319,7 +349,8 @@ def score_key(images: list[str] | str | None, question: str, answer: str) -> tup
 
 
 def resolve_image(path: str, root: str | os.PathLike, where: str = "record") -> Path:
-  """An image path relative to `root`, refusing anything that escapes it (`../`, absolute elsewhere)."""
+  """An image path relative to `root`, refusing anything that escapes it (`../`, absolute
+  elsewhere)."""
   root = Path(root).resolve()
   full = (root / path).resolve()
   if full != root and root not in full.parents:
@@ -347,9 +378,11 @@ def rebase_images(pairs: list[dict], source_root, output, keep=frozenset()) -> l
     full = os.path.normpath(src / path)
     rel = os.path.relpath(full, dst)
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-      raise UserError(f"{output}: image '{path}' (in {src}) lies outside the output's folder "
-                      f"{dst}, and records refer to images relative to their file's folder; write "
-                      f"the output into a folder that holds its images, such as {src}")
+      raise UserError(
+        f"{output}: image '{path}' (in {src}) lies outside the output's folder "
+        f"{dst}, and records refer to images relative to their file's folder; write "
+        f"the output into a folder that holds its images, such as {src}"
+      )
     return rel.replace(os.sep, "/")
 
   out = []
@@ -358,7 +391,8 @@ def rebase_images(pairs: list[dict], source_root, output, keep=frozenset()) -> l
     if pair.get("images"):
       pair["images"] = [rebase(p) for p in pair["images"]]
     if pair.get("videos"):
-      pair["videos"] = [rebase(v) if isinstance(v, str) else [rebase(f) for f in v]
-                        for v in pair["videos"]]
+      pair["videos"] = [
+        rebase(v) if isinstance(v, str) else [rebase(f) for f in v] for v in pair["videos"]
+      ]
     out.append(pair)
   return out

@@ -23,13 +23,13 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from mrm_jax.data.records import normalize_scoring
@@ -57,8 +57,13 @@ def scoring_key(record: dict) -> str:
   images = record.get("images") or []
   if isinstance(images, str):
     images = [images]
-  payload = [list(images), record.get("videos") or [], record.get("system"), record.get("question"),
-             record.get("answer")]
+  payload = [
+    list(images),
+    record.get("videos") or [],
+    record.get("system"),
+    record.get("question"),
+    record.get("answer"),
+  ]
   return hashlib.sha1(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -81,10 +86,22 @@ def step_rows(batch_size: int, mesh) -> tuple[int, int]:
   return per * shards, per
 
 
-def score_records(model, processor, records: Sequence[dict], image_root, batch_size: int = 8, *,
-                  max_len: int = 4096, where: Callable[[int], str] | None = None, seq_bucket: int = 64,
-                  patch_bucket: int = 256, chunk: int | None = None, progress: bool = True, mesh=None,
-                  devices=None) -> list[float]:
+def score_records(
+  model,
+  processor,
+  records: Sequence[dict],
+  image_root,
+  batch_size: int = 8,
+  *,
+  max_len: int = 4096,
+  where: Callable[[int], str] | None = None,
+  seq_bucket: int = 64,
+  patch_bucket: int = 256,
+  chunk: int | None = None,
+  progress: bool = True,
+  mesh=None,
+  devices=None,
+) -> list[float]:
   """Rewards (floats, input order) for scoring records (`images`, `question`, `answer`, `system`?).
 
   `where(i)` names record i in error messages (default "record i+1"). `batch_size` is the global
@@ -93,18 +110,43 @@ def score_records(model, processor, records: Sequence[dict], image_root, batch_s
   stays bounded on large files.
   """
   scores: list[float] = []
-  for _, got in iter_score_chunks(model, processor, records, image_root, batch_size, max_len=max_len, where=where,
-                                  seq_bucket=seq_bucket, patch_bucket=patch_bucket, chunk=chunk,
-                                  progress=progress, mesh=mesh, devices=devices):
+  for _, got in iter_score_chunks(
+    model,
+    processor,
+    records,
+    image_root,
+    batch_size,
+    max_len=max_len,
+    where=where,
+    seq_bucket=seq_bucket,
+    patch_bucket=patch_bucket,
+    chunk=chunk,
+    progress=progress,
+    mesh=mesh,
+    devices=devices,
+  ):
     scores.extend(got)
   return scores
 
 
-def iter_score_chunks(model, processor, records: Sequence[dict], image_root, batch_size: int = 8, *,
-                      start: int = 0, known: dict[str, float] | None = None, max_len: int = 4096,
-                      where: Callable[[int], str] | None = None, seq_bucket: int = 64, patch_bucket: int = 256,
-                      chunk: int | None = None, progress: bool = True, mesh=None,
-                      devices=None) -> Iterator[tuple[int, list[float]]]:
+def iter_score_chunks(
+  model,
+  processor,
+  records: Sequence[dict],
+  image_root,
+  batch_size: int = 8,
+  *,
+  start: int = 0,
+  known: dict[str, float] | None = None,
+  max_len: int = 4096,
+  where: Callable[[int], str] | None = None,
+  seq_bucket: int = 64,
+  patch_bucket: int = 256,
+  chunk: int | None = None,
+  progress: bool = True,
+  mesh=None,
+  devices=None,
+) -> Iterator[tuple[int, list[float]]]:
   """Yields `(first index, scores)` for consecutive chunks of `records[start:]`, in input order.
 
   Chunk boundaries lie on the fixed grid `start + k * chunk`, and `known` (scoring_key → score,
@@ -118,8 +160,12 @@ def iter_score_chunks(model, processor, records: Sequence[dict], image_root, bat
   chunk = chunk or 32 * rows
   known = {} if known is None else known
   runner = _Runner(model, mesh) if start < len(records) else None
-  bar = tqdm(total=max(0, len(records) - start), desc="scoring", unit="rec",
-             disable=not progress or jax.process_index() != 0)
+  bar = tqdm(
+    total=max(0, len(records) - start),
+    desc="scoring",
+    unit="rec",
+    disable=not progress or jax.process_index() != 0,
+  )
   for c0 in range(start, len(records), chunk):
     idx = range(c0, min(c0 + chunk, len(records)))
     keys = [scoring_key(records[i]) for i in idx]
@@ -128,11 +174,15 @@ def iter_score_chunks(model, processor, records: Sequence[dict], image_root, bat
       if k not in known and k not in todo:
         todo[k] = i
     mult = Counter(keys)
-    encoded = {k: processor.encode(records[i], image_root, max_len, where(i)) for k, i in todo.items()}
-    order = sorted(todo, key=lambda k: (encoded[k].length, encoded[k].num_patches))  # stable: ties in input order
+    encoded = {
+      k: processor.encode(records[i], image_root, max_len, where(i)) for k, i in todo.items()
+    }
+    order = sorted(
+      todo, key=lambda k: (encoded[k].length, encoded[k].num_patches)
+    )  # stable: ties in input order
     shown = 0
     for s0 in range(0, len(order), rows):
-      step = order[s0:s0 + rows]
+      step = order[s0 : s0 + rows]
       rewards = runner(processor, [encoded[k] for k in step], per_shard, seq_bucket, patch_bucket)
       for k, r in zip(step, rewards):
         known[k] = float(r)
@@ -160,9 +210,11 @@ class _Runner:
     index_map = self.sharding.addressable_devices_indices_map((self.shards,))
     self.local = sorted({j for idx in index_map.values() for j in range(self.shards)[idx[0]]})
 
-  def __call__(self, processor, exs: list, per_shard: int, seq_bucket: int, patch_bucket: int) -> np.ndarray:
-    unit = processor.config.merge_size ** 2
-    subs = [exs[j * per_shard:(j + 1) * per_shard] for j in range(self.shards)]
+  def __call__(
+    self, processor, exs: list, per_shard: int, seq_bucket: int, patch_bucket: int
+  ) -> np.ndarray:
+    unit = processor.config.merge_size**2
+    subs = [exs[j * per_shard : (j + 1) * per_shard] for j in range(self.shards)]
     seq = _bucket(max(e.length for e in exs), seq_bucket)
     most = max(sum(e.num_patches for e in sb) for sb in subs)
     budget = 0 if most == 0 else _bucket(most, max(patch_bucket, unit) // unit * unit)
@@ -170,27 +222,40 @@ class _Runner:
     filler = _empty_like(processor, exs[0])
     # one per-item attention layout shape for every sub-batch (they are stacked)
     layout = vision_layout.common_sizes(vision_layout.batch_needs(sb) for sb in subs)
-    host = {j: processor.collate(subs[j] + [filler] * (per_shard - len(subs[j])), seq_len=seq,
-                                 patch_budget=budget, layout_sizes=layout)
-            for j in self.local}
+    host = {
+      j: processor.collate(
+        subs[j] + [filler] * (per_shard - len(subs[j])),
+        seq_len=seq,
+        patch_budget=budget,
+        layout_sizes=layout,
+      )
+      for j in self.local
+    }
     names = sorted({k for h in host.values() for k in h})
     batch = {}
     for name in names:
       ref = next(h[name] for h in host.values() if name in h)
 
       def part(index, name=name, ref=ref):
-        return np.stack([host[j].get(name, np.zeros_like(ref)) for j in range(self.shards)[index[0]]])
+        return np.stack(
+          [host[j].get(name, np.zeros_like(ref)) for j in range(self.shards)[index[0]]]
+        )
 
       batch[name] = jax.make_array_from_callback((self.shards,) + ref.shape, self.sharding, part)
     rewards = np.asarray(jax.device_get(self.forward(self.state, batch)))
-    return rewards.reshape(-1)[:len(exs)]
+    return rewards.reshape(-1)[: len(exs)]
 
 
 def _empty_like(processor, example):
   """A one-token filler row (no vision) used to pad a batch to its static size."""
   dim = processor.config.vision.patch_dim
-  return Encoded(np.asarray([processor.pad_id], np.int32), np.zeros((3, 1), np.int32), np.zeros((0, dim), np.float32),
-                 np.zeros((0, 3), np.int32), {k: v[:0] for k, v in example.patch_arrays.items()})
+  return Encoded(
+    np.asarray([processor.pad_id], np.int32),
+    np.zeros((3, 1), np.int32),
+    np.zeros((0, dim), np.float32),
+    np.zeros((0, 3), np.int32),
+    {k: v[:0] for k, v in example.patch_arrays.items()},
+  )
 
 
 _FORWARDS: dict = {}
@@ -201,9 +266,6 @@ def _jitted_forward(graphdef, mesh):
   one jitted function per model structure and mesh, so repeated calls reuse compiled programs."""
   key = (graphdef, mesh)
   if key not in _FORWARDS:
-    import jax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
     def forward(state, batch):
       model = nnx.merge(graphdef, state)
@@ -213,16 +275,35 @@ def _jitted_forward(graphdef, mesh):
   return _FORWARDS[key]
 
 
-def score_file_records(model, processor, path, image_root=None, batch_size: int = 8, max_len: int = 4096,
-                       progress: bool = True, **kwargs) -> tuple[list[dict], list[float]]:
-  """Reads a scoring JSONL file (records validated, errors name file:line) and scores it; returns the
-  records as read (unmodified) and their scores. `kwargs` go to `score_records` (mesh, devices, ...)."""
+def score_file_records(
+  model,
+  processor,
+  path,
+  image_root=None,
+  batch_size: int = 8,
+  max_len: int = 4096,
+  progress: bool = True,
+  **kwargs,
+) -> tuple[list[dict], list[float]]:
+  """Reads a scoring JSONL file (records validated, errors name file:line) and scores it; returns
+  the
+  records as read (unmodified) and their scores. `kwargs` go to `score_records` (mesh, devices,
+  ...)."""
 
   path = Path(path)
   raw, records, lines = read_scoring_file(path)
   root = Path(image_root) if image_root else path.parent
-  scores = score_records(model, processor, records, root, batch_size, max_len=max_len,
-                         where=lambda i: f"{path}:{lines[i]}", progress=progress, **kwargs)
+  scores = score_records(
+    model,
+    processor,
+    records,
+    root,
+    batch_size,
+    max_len=max_len,
+    where=lambda i: f"{path}:{lines[i]}",
+    progress=progress,
+    **kwargs,
+  )
   return raw, scores
 
 

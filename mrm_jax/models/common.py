@@ -1,11 +1,14 @@
 """Building blocks shared by the Qwen-VL families, written to match transformers' math.
 
 Conventions (every family follows them, so HF weights map mechanically):
-- `Linear.kernel` is `[in, out]` (the transpose of torch's `[out, in]` weight); `Linear.bias` `[out]`.
+- `Linear.kernel` is `[in, out]` (the transpose of torch's `[out, in]` weight); `Linear.bias`
+`[out]`.
 - Norm weights are called `scale` (and `bias` for LayerNorm); embeddings `embedding` `[vocab, H]`.
 - Parameters carry logical axis names (docs/internals.md) as NNX sharding metadata, created with
-  `eager_sharding=False` so a model can be built without a mesh; `mrm_jax.train.sharding` places them.
-- Parameters are stored in `param_dtype` (fp32 by default); matmuls run in `dtype` (the compute dtype);
+  `eager_sharding=False` so a model can be built without a mesh; `mrm_jax.train.sharding` places
+  them.
+- Parameters are stored in `param_dtype` (fp32 by default); matmuls run in `dtype` (the compute
+dtype);
   norms, softmax statistics and rotary angles are computed in float32 as transformers does.
 """
 
@@ -15,7 +18,8 @@ import contextlib
 import logging
 import math
 import threading
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.extend
@@ -52,8 +56,9 @@ def default_init_std() -> float:
 @contextlib.contextmanager
 def abstract_params():
   """Inside this context parameters are created as `jax.ShapeDtypeStruct`s (with their metadata) and
-  no initializer runs: an abstract model like `nnx.eval_shape` gives, built in linear time (tracing a
-  7B model's initializers under eval_shape takes tens of seconds). Used by the HF loader, which fills
+  no initializer runs: an abstract model like `nnx.eval_shape` gives, built in linear time (tracing
+  a 7B model's initializers under eval_shape takes tens of seconds). Used by the HF loader, which
+  fills
   in every parameter, and for parameter counts."""
   prev = getattr(_ABSTRACT, "on", False)
   _ABSTRACT.on = True
@@ -63,11 +68,16 @@ def abstract_params():
     _ABSTRACT.on = prev
 
 
-def make_param(key, init: Callable, shape: Sequence[int], axes: Axes, param_dtype=jnp.float32) -> nnx.Param:
+def make_param(
+  key, init: Callable, shape: Sequence[int], axes: Axes, param_dtype=jnp.float32
+) -> nnx.Param:
   """An `nnx.Param` with logical-axis metadata. `key` may be None for deterministic initializers."""
   if getattr(_ABSTRACT, "on", False):
-    return nnx.Param(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(param_dtype)), out_sharding=tuple(axes),
-                     eager_sharding=False)
+    return nnx.Param(
+      jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(param_dtype)),
+      out_sharding=tuple(axes),
+      eager_sharding=False,
+    )
   init = nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
   return nnx.Param(init(jax.random.key(0) if key is None else key, tuple(shape), param_dtype))
 
@@ -75,18 +85,32 @@ def make_param(key, init: Callable, shape: Sequence[int], axes: Axes, param_dtyp
 class Linear(nnx.Module):
   """`y = x @ kernel + bias` with kernel `[in, out]`, computed in `dtype`."""
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               axes: Axes = (None, None), dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, init_std: float | None = None):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    axes: Axes = (None, None),
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    init_std: float | None = None,
+  ):
     self.in_features, self.out_features = in_features, out_features
     init_std = default_init_std() if init_std is None else init_std
     self.dtype = dtype
-    # one key per layer: drawing from `rngs` is the slow part of building (or eval_shape-ing) big models
+    # one key per layer: drawing from `rngs` is the slow part of building (or eval_shape-ing) big
+    # models
     key = None if getattr(_ABSTRACT, "on", False) else rngs.params()
-    self.kernel = make_param(key, nnx.initializers.normal(init_std), (in_features, out_features), axes,
-                             param_dtype)
-    self.bias = (make_param(None, nnx.initializers.zeros_init(), (out_features,), (axes[1],), param_dtype)
-                 if use_bias else None)
+    self.kernel = make_param(
+      key, nnx.initializers.normal(init_std), (in_features, out_features), axes, param_dtype
+    )
+    self.bias = (
+      make_param(None, nnx.initializers.zeros_init(), (out_features,), (axes[1],), param_dtype)
+      if use_bias
+      else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -98,12 +122,25 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding table `[vocab, H]` (logical axes `("vocab", "embed")`)."""
 
-  def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None, axes: Axes = ("vocab", "embed")):
+  def __init__(
+    self,
+    num_embeddings: int,
+    features: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None,
+    axes: Axes = ("vocab", "embed"),
+  ):
     self.dtype = dtype
     key = None if getattr(_ABSTRACT, "on", False) else rngs.params()
-    self.embedding = make_param(key, nnx.initializers.normal(default_init_std()),
-                                (num_embeddings, features), axes, param_dtype)
+    self.embedding = make_param(
+      key,
+      nnx.initializers.normal(default_init_std()),
+      (num_embeddings, features),
+      axes,
+      param_dtype,
+    )
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
@@ -112,8 +149,16 @@ class Embed(nnx.Module):
 class RMSNorm(nnx.Module):
   """transformers' `Qwen2RMSNorm`: statistics in fp32, cast back, then scaled."""
 
-  def __init__(self, dim: int, eps: float = 1e-6, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None, axes: Axes = (None,)):
+  def __init__(
+    self,
+    dim: int,
+    eps: float = 1e-6,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    axes: Axes = (None,),
+  ):
     self.eps, self.dtype = eps, dtype
     self.scale = make_param(None, nnx.initializers.ones_init(), (dim,), axes, param_dtype)
 
@@ -127,11 +172,24 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
   """torch.nn.LayerNorm (biased variance), computed in fp32, output in `dtype`."""
 
-  def __init__(self, dim: int, eps: float = 1e-6, *, use_bias: bool = True, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None, axes: Axes = (None,)):
+  def __init__(
+    self,
+    dim: int,
+    eps: float = 1e-6,
+    *,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    axes: Axes = (None,),
+  ):
     self.eps, self.dtype = eps, dtype
     self.scale = make_param(None, nnx.initializers.ones_init(), (dim,), axes, param_dtype)
-    self.bias = make_param(None, nnx.initializers.zeros_init(), (dim,), axes, param_dtype) if use_bias else None
+    self.bias = (
+      make_param(None, nnx.initializers.zeros_init(), (dim,), axes, param_dtype)
+      if use_bias
+      else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = x.astype(jnp.float32)
@@ -146,18 +204,19 @@ class LayerNorm(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 # Activations and MLPs
 
+
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
 ACTIVATIONS: dict[str, Callable] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": quick_gelu,
-    "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": quick_gelu,
+  "relu": jax.nn.relu,
 }
 
 
@@ -168,11 +227,21 @@ def activation(name: str) -> Callable:
 
 
 class GatedMLP(nnx.Module):
-  """SwiGLU-style `down(act(gate(x)) * up(x))` (Qwen2 decoder MLP; Qwen2.5-VL vision MLP with bias)."""
+  """SwiGLU-style `down(act(gate(x)) * up(x))` (Qwen2 decoder MLP; Qwen2.5-VL vision MLP with
+  bias)."""
 
-  def __init__(self, dim: int, hidden: int, *, act: str = "silu", use_bias: bool = False,
-               axes: tuple[str | None, str | None] = ("embed", "mlp"), dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None):
+  def __init__(
+    self,
+    dim: int,
+    hidden: int,
+    *,
+    act: str = "silu",
+    use_bias: bool = False,
+    axes: tuple[str | None, str | None] = ("embed", "mlp"),
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None,
+  ):
     kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate_proj = Linear(dim, hidden, axes=axes, **kw)
     self.up_proj = Linear(dim, hidden, axes=axes, **kw)
@@ -186,9 +255,18 @@ class GatedMLP(nnx.Module):
 class MLP(nnx.Module):
   """`fc2(act(fc1(x)))` (Qwen2-VL vision MLP, QuickGELU by default)."""
 
-  def __init__(self, dim: int, hidden: int, *, act: str = "quick_gelu", use_bias: bool = True,
-               axes: tuple[str | None, str | None] = ("vision_embed", "vision_mlp"), dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None):
+  def __init__(
+    self,
+    dim: int,
+    hidden: int,
+    *,
+    act: str = "quick_gelu",
+    use_bias: bool = True,
+    axes: tuple[str | None, str | None] = ("vision_embed", "vision_mlp"),
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None,
+  ):
     kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = Linear(dim, hidden, axes=axes, **kw)
     self.fc2 = Linear(hidden, dim, axes=(axes[1], axes[0]), **kw)
@@ -201,27 +279,33 @@ class MLP(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 # Rotary embeddings
 
+
 def rotate_half(x):
   half = x.shape[-1] // 2
   return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def apply_rotary(x, cos, sin):
-  """`x * cos + rotate_half(x) * sin`; `cos/sin` broadcast against `x` ([..., T, D] vs [..., T, N, D])."""
+  """`x * cos + rotate_half(x) * sin`; `cos/sin` broadcast against `x` ([..., T, D] vs [..., T, N,
+  D])."""
   return x * cos + rotate_half(x) * sin
 
 
 def rope_inv_freq(dim: int, theta: float) -> np.ndarray:
   """`1 / theta^(2i/dim)` for i < dim/2, in float32 like transformers."""
-  return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+  return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(
+    np.float32
+  )
 
 
-def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section: Sequence[int],
-                  interleaved: bool = False):
-  """Multimodal RoPE. `position_ids [3, B, T]` (temporal, height, width) → `cos, sin [B, T, head_dim]` fp32.
+def mrope_cos_sin(
+  position_ids, head_dim: int, theta: float, mrope_section: Sequence[int], interleaved: bool = False
+):
+  """Multimodal RoPE. `position_ids [3, B, T]` (temporal, height, width) → `cos, sin [B, T,
+  head_dim]` fp32.
 
-  Chunked (Qwen2-VL / Qwen2.5-VL): the frequency axis is split into `mrope_section` chunks taken from
-  the t, h, w positions in turn. Interleaved (Qwen3-VL): frequency i uses h when i % 3 == 1 and
+  Chunked (Qwen2-VL / Qwen2.5-VL): the frequency axis is split into `mrope_section` chunks taken
+  from the t, h, w positions in turn. Interleaved (Qwen3-VL): frequency i uses h when i % 3 == 1 and
   i < 3*section[1], w when i % 3 == 2 and i < 3*section[2], t otherwise.
   """
   inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta))
@@ -261,8 +345,9 @@ ATTENTION_CHOICES = ("auto", "xla", "cudnn")
 _LOGGED: set = set()
 
 
-def resolve_attention(requested: str | None, dtype, platform: str | None = None,
-                      head_dims: Sequence[int] = ()) -> str:
+def resolve_attention(
+  requested: str | None, dtype, platform: str | None = None, head_dims: Sequence[int] = ()
+) -> str:
   """The attention implementation to build: "xla" or "cudnn". `requested` None / "auto" picks
   cuDNN's fused kernel on NVIDIA GPUs when the compute dtype is bf16 / fp16 and every head dim
   suits it (a multiple of 8, at most 128), else XLA (cuDNN has no fp32 kernel). `platform`:
@@ -279,13 +364,18 @@ def resolve_attention(requested: str | None, dtype, platform: str | None = None,
   key = (platform, str(jnp.dtype(dtype)), tuple(head_dims), choice)
   if key not in _LOGGED:
     _LOGGED.add(key)
-    logging.getLogger(__name__).info("attention auto -> %s (platform %s, dtype %s, head dims %s)",
-                                     choice, platform, jnp.dtype(dtype), list(head_dims))
+    logging.getLogger(__name__).info(
+      "attention auto -> %s (platform %s, dtype %s, head dims %s)",
+      choice,
+      platform,
+      jnp.dtype(dtype),
+      list(head_dims),
+    )
   return choice
 
 
 def default_platform() -> str:
-  """"cuda" / "rocm" for GPUs (by the runtime's platform version), else the backend's name."""
+  """ "cuda" / "rocm" for GPUs (by the runtime's platform version), else the backend's name."""
   backend = jax.default_backend()
   if backend != "gpu":
     return backend
@@ -293,22 +383,26 @@ def default_platform() -> str:
   return "rocm" if "rocm" in version or "hip" in version else "cuda"
 
 
-def attention(q, k, v, *, mask=None, causal: bool = False, key_mask=None, implementation: str | None = None):
+def attention(
+  q, k, v, *, mask=None, causal: bool = False, key_mask=None, implementation: str | None = None
+):
   """Scaled dot-product attention via `jax.nn.dot_product_attention`.
 
   q `[B, T, N, D]`, k/v `[B, S, K, D]` with N a multiple of K (GQA handled natively).
-  `mask`: optional boolean `[B, 1|N, T, S]` (True = attend). `key_mask` `[B, S]` (1 = real token) with
-  `causal` gives the LM mask (works for left or right padding). `implementation`: None (let JAX pick),
-  "xla" or "cudnn". cuDNN takes no arbitrary mask here, so it gets `is_causal` plus per-row key lengths,
-  which is exact for right-padded batches (what `collate` produces).
+  `mask`: optional boolean `[B, 1|N, T, S]` (True = attend). `key_mask` `[B, S]` (1 = real token)
+  with
+  `causal` gives the LM mask (works for left or right padding). `implementation`: None (let JAX
+  pick), "xla" or "cudnn". cuDNN takes no arbitrary mask here, so it gets `is_causal` plus per-row
+  key lengths, which is exact for right-padded batches (what `collate` produces).
   """
   if implementation in (None, "auto"):
     implementation = None
   if implementation == "cudnn" and mask is None:
     # an empty row (length 0) would give cuDNN nothing to normalise over: NaN
     lengths = None if key_mask is None else jnp.maximum(jnp.sum(key_mask.astype(jnp.int32), -1), 1)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
-                                        implementation="cudnn")
+    return jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, key_value_seq_lengths=lengths, implementation="cudnn"
+    )
   if key_mask is not None:
     km = key_mask.astype(bool)[:, None, None, :]
     mask = km if mask is None else (mask & km)
@@ -322,6 +416,7 @@ def attention(q, k, v, *, mask=None, causal: bool = False, key_mask=None, implem
 class ItemLayout(NamedTuple):
   """Per-item attention layout (see mrm_jax/models/vision_layout.py): `index [R, L]` patch of each
   slot, `lengths [R]` patches per row, `slot [P, 2]` (row, column) of each patch."""
+
   index: jax.Array
   lengths: jax.Array
   slot: jax.Array
@@ -340,15 +435,16 @@ def item_attention(q, k, v, layout: ItemLayout, implementation: str | None = Non
   Each row of the layout gathers one item's patches; rows attend independently under a padding
   mask (per-row key lengths, which cuDNN takes natively), then every patch reads its own slot. An
   empty row gets length 1 so its (unused) outputs stay finite."""
-  r, l = layout.index.shape
+  n_rows, width = layout.index.shape
   flat = layout.index.reshape(-1)
-  rows = [jnp.take(t, flat, axis=0).reshape((r, l) + t.shape[1:]) for t in (q, k, v)]
+  rows = [jnp.take(t, flat, axis=0).reshape((n_rows, width) + t.shape[1:]) for t in (q, k, v)]
   lengths = jnp.maximum(layout.lengths.astype(jnp.int32), 1)
   impl = "cudnn" if implementation == "cudnn" else "xla"
-  out = jax.nn.dot_product_attention(*rows, query_seq_lengths=lengths,
-                                     key_value_seq_lengths=lengths, implementation=impl)
-  where = layout.slot[:, 0].astype(jnp.int32) * l + layout.slot[:, 1].astype(jnp.int32)
-  return jnp.take(out.reshape((r * l,) + out.shape[2:]), where, axis=0)
+  out = jax.nn.dot_product_attention(
+    *rows, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=impl
+  )
+  where = layout.slot[:, 0].astype(jnp.int32) * width + layout.slot[:, 1].astype(jnp.int32)
+  return jnp.take(out.reshape((n_rows * width,) + out.shape[2:]), where, axis=0)
 
 
 def segment_mask(segment_ids):
@@ -356,11 +452,13 @@ def segment_mask(segment_ids):
   return (segment_ids[:, None] == segment_ids[None, :])[None, None]
 
 
-def scatter_vision_tokens(embeds, input_ids, vision_embeds, token_ids: Sequence[int],
-                          row_offsets=None):
-  """Replaces the embeddings at placeholder positions (`input_ids` in `token_ids`) by `vision_embeds`,
-  consumed in row-major order (transformers' `masked_scatter`), or, given `row_offsets [B]`, row b's
-  placeholders from `vision_embeds[row_offsets[b]]` on (rows may share tokens). `vision_embeds
+def scatter_vision_tokens(
+  embeds, input_ids, vision_embeds, token_ids: Sequence[int], row_offsets=None
+):
+  """Replaces the embeddings at placeholder positions (`input_ids` in `token_ids`) by
+  `vision_embeds`, consumed in row-major order (transformers' `masked_scatter`), or, given
+  `row_offsets [B]`, row b's placeholders from `vision_embeds[row_offsets[b]]` on (rows may share
+  tokens). `vision_embeds
   [M, H]` may hold more rows (padding) than placeholders; extra rows are ignored."""
   is_vis = jnp.zeros(input_ids.shape, bool)
   for t in token_ids:
@@ -387,7 +485,8 @@ def remat_policy(name: str | None):
 
 
 def remat_call(layer: nnx.Module, policy, *args):
-  """`layer(*args)`, recomputed in the backward pass under the checkpoint `policy` (None: plain call).
+  """`layer(*args)`, recomputed in the backward pass under the checkpoint `policy` (None: plain
+  call).
 
   The checkpointed function is a pure function of the layer's split state, not `nnx.remat`: under
   `jax.grad` of a model merged inside the traced loss (the train step), nnx.remat's write-back of
@@ -403,13 +502,19 @@ def remat_call(layer: nnx.Module, policy, *args):
   return jax.checkpoint(pure, policy=policy)(state, *args)
 
 
-def apply_layers(layers: Sequence[nnx.Module], remat: str | None, x, *args,
-                 layer_args: Callable[[int], tuple] | None = None,
-                 after: Callable[[int, jax.Array], jax.Array] | None = None):
+def apply_layers(
+  layers: Sequence[nnx.Module],
+  remat: str | None,
+  x,
+  *args,
+  layer_args: Callable[[int], tuple] | None = None,
+  after: Callable[[int, jax.Array], jax.Array] | None = None,
+):
   """`x` through each of `layers` in turn, each call checkpointed under `remat_policy(remat)`.
 
   Layer i gets `(x, *args)`, or `(x, *layer_args(i))` when `layer_args` is given (per-block masks);
-  `after(i, x)` then replaces x (DeepStack injection, feature taps); it runs outside the checkpoint."""
+  `after(i, x)` then replaces x (DeepStack injection, feature taps); it runs outside the
+  checkpoint."""
   policy = remat_policy(remat)
   for i, layer in enumerate(layers):
     x = remat_call(layer, policy, x, *(args if layer_args is None else layer_args(i)))

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from mrm_jax.errors import UserError
 
 # config.json's top-level fields every family reads
-TOP_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-            "tie_word_embeddings")
+TOP_KEYS = (
+  "image_token_id",
+  "video_token_id",
+  "vision_start_token_id",
+  "vision_end_token_id",
+  "tie_word_embeddings",
+)
 # The tiny presets' vocabulary is small, so their special tokens live at its end (Qwen's real ids,
 # 151643+, would index past the embedding table).
-TINY_TOKEN_IDS = dict(vision_start_token_id=504, vision_end_token_id=505, image_token_id=506,
-                      video_token_id=507)
+TINY_TOKEN_IDS = dict(
+  vision_start_token_id=504, vision_end_token_id=505, image_token_id=506, video_token_id=507
+)
 
 
 def rope_fields(d: dict) -> dict:
@@ -43,8 +49,9 @@ def vision_fields(d: dict, keys: Sequence[str]) -> dict:
   return out
 
 
-def hf_rope_parameters(rope_type: str, theta: float, mrope_section: Sequence[int] | None = None,
-                       **extra) -> dict:
+def hf_rope_parameters(
+  rope_type: str, theta: float, mrope_section: Sequence[int] | None = None, **extra
+) -> dict:
   """config.json's `rope_parameters` (transformers-5 layout)."""
   out = {"rope_type": rope_type, "rope_theta": theta}
   if mrope_section is not None:
@@ -71,7 +78,7 @@ class VisionDims:
 
   @property
   def patch_dim(self) -> int:
-    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+    return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
 
 class HiddenSizeVisionDims(VisionDims):
@@ -93,7 +100,9 @@ class HiddenSizeVisionDims(VisionDims):
 
 @dataclasses.dataclass(frozen=True)
 class VisionLanguageConfig:
-  """What every Qwen-VL family config shares; a family's `Config` adds its own `text` and `vision`."""
+  """What every Qwen-VL family config shares; a family's `Config` adds its own `text` and
+  `vision`."""
+
   image_token_id: int = 151655
   video_token_id: int = 151656
   vision_start_token_id: int = 151652
@@ -121,19 +130,24 @@ class VisionLanguageConfig:
     and with `derived_head_dim` (head_dim = hidden_size / heads) whole heads."""
     t = self.text
     if derived_head_dim and t.hidden_size % t.num_attention_heads:
-      raise UserError(f"config: hidden_size {t.hidden_size} is not a multiple of heads "
-                      f"{t.num_attention_heads}")
+      raise UserError(
+        f"config: hidden_size {t.hidden_size} is not a multiple of heads {t.num_attention_heads}"
+      )
     if t.num_attention_heads % t.num_key_value_heads:
-      raise UserError(f"config: heads {t.num_attention_heads} not a multiple of kv heads "
-                      f"{t.num_key_value_heads}")
+      raise UserError(
+        f"config: heads {t.num_attention_heads} not a multiple of kv heads {t.num_key_value_heads}"
+      )
     if sum(t.mrope_section) != t.head_dim // 2:
-      raise UserError(f"config: mrope_section {list(t.mrope_section)} must sum to head_dim/2 = "
-                      f"{t.head_dim // 2}")
+      raise UserError(
+        f"config: mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}"
+      )
 
   def validate_vision(self, width_name: str, out_name: str) -> None:
     """Whole vision heads, and a merger output as wide as the LM (`*_name`: config.json's names
     of the tower width and of the merger output)."""
     t, v = self.text, self.vision
     if v.embed_dim % v.num_heads or v.out_dim != t.hidden_size:
-      raise UserError(f"config: vision {width_name} {v.embed_dim} / heads {v.num_heads} / {out_name} "
-                      f"{v.out_dim} (must equal text hidden_size {t.hidden_size})")
+      raise UserError(
+        f"config: vision {width_name} {v.embed_dim} / heads {v.num_heads} / {out_name} "
+        f"{v.out_dim} (must equal text hidden_size {t.hidden_size})"
+      )

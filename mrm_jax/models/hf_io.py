@@ -19,12 +19,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save as st_save
 
 from mrm_jax.errors import UserError
 from mrm_jax.io import atomic_open, atomic_outputs, read_json_object, write_json
 from mrm_jax.models.common import abstract_params
+from mrm_jax.models.families import FAMILIES, get_family
+from mrm_jax.models.reward import RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,20 @@ V_HEAD_WEIGHT = "v_head.summary.weight"
 V_HEAD_BIAS = "v_head.summary.bias"
 LM_HEAD = "lm_head.weight"
 # files that make an HF directory usable for scoring besides the weights
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-                   "video_preprocessor_config.json", "processor_config.json", "generation_config.json")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "vocab.json",
+  "merges.txt",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "chat_template.jinja",
+  "chat_template.json",
+  "preprocessor_config.json",
+  "video_preprocessor_config.json",
+  "processor_config.json",
+  "generation_config.json",
+)
 
 # transformers-5 prefix -> older hub prefix
 _LEGACY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
@@ -44,7 +60,7 @@ _LEGACY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visu
 def legacy_name(key: str) -> str:
   for new, old in _LEGACY_PREFIXES:
     if key.startswith(new):
-      return old + key[len(new):]
+      return old + key[len(new) :]
   return key
 
 
@@ -60,33 +76,47 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def family_and_config(path: str | os.PathLike):
   """(family module, Config) from a directory's config.json."""
-  from mrm_jax.models import FAMILIES, get_family
+
   d = read_config(path)
   model_type = d.get("model_type")
   if model_type not in FAMILIES:
-    raise UserError(f"{Path(path) / 'config.json'}: unknown model_type '{model_type}' "
-                    f"(supported: {', '.join(FAMILIES)})")
+    raise UserError(
+      f"{Path(path) / 'config.json'}: unknown model_type '{model_type}' "
+      f"(supported: {', '.join(FAMILIES)})"
+    )
   fam = get_family(model_type)
   cfg_file = Path(path) / "config.json"
   try:
     return fam, fam.Config.from_hf(d)
   except UserError as e:  # from_hf names the file by its base name only
     raise UserError(f"{cfg_file}: {str(e).removeprefix('config.json: ')}") from None
-  except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:  # a field of a wrong type
-    raise UserError(f"{cfg_file}: invalid {fam.MODEL_TYPE} config ({type(e).__name__}: {e})") from None
+  except (
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    ZeroDivisionError,
+  ) as e:  # a field of a wrong type
+    raise UserError(
+      f"{cfg_file}: invalid {fam.MODEL_TYPE} config ({type(e).__name__}: {e})"
+    ) from None
 
 
 def _safetensors_error(f: Path, e: Exception) -> UserError:
-  """A safetensors failure (truncated file, garbage header, bad offsets): one line naming the file."""
-  return UserError(f"{f}: not a readable safetensors file ({str(e).strip() or type(e).__name__}); "
-                   "the download or copy may be incomplete")
+  """A safetensors failure (truncated file, garbage header, bad offsets): one line naming the
+  file."""
+  return UserError(
+    f"{f}: not a readable safetensors file ({str(e).strip() or type(e).__name__}); "
+    "the download or copy may be incomplete"
+  )
 
 
 class _TensorIndex:
-  """Which safetensors file holds each tensor of a checkpoint directory; reads one tensor at a time."""
+  """Which safetensors file holds each tensor of a checkpoint directory; reads one tensor at a
+  time."""
 
   def __init__(self, path: Path, files: list[Path]):
-    from safetensors import safe_open
+
     self.path = path
     self.where: dict[str, Path] = {}
     self._open = {}
@@ -128,7 +158,9 @@ def weight_files(path: Path) -> list[Path]:
   if index.is_file():
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-      raise UserError(f"{index}: malformed index ('weight_map' should map tensor names to file names)")
+      raise UserError(
+        f"{index}: malformed index ('weight_map' should map tensor names to file names)"
+      )
     files = [path / f for f in dict.fromkeys(weight_map.values())]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -140,7 +172,10 @@ def weight_files(path: Path) -> list[Path]:
   shards = sorted(p for p in path.glob("*.safetensors") if p.name != VALUE_HEAD_FILE)
   if shards:
     return shards
-  raise UserError(f"{path}: no model weights (expected model.safetensors or model.safetensors.index.json + shards)")
+  raise UserError(
+    f"{path}: no model weights (expected model.safetensors or model.safetensors.index.json + "
+    "shards)"
+  )
 
 
 def _hf_to_param(kind: str, arr: np.ndarray, want: tuple[int, ...]) -> np.ndarray:
@@ -177,27 +212,42 @@ def _get(module, path: tuple):
 
 def load_hf(path, *, dtype="float32", param_dtype="float32", attention=None, remat="none"):
   """A `RewardModel` with the weights of a local HF directory (see the module docstring)."""
-  from mrm_jax.models.reward import RewardModel
+
   path = Path(path)
   fam, cfg = family_and_config(path)
   index = _TensorIndex(path, weight_files(path))
   pdt = jnp.dtype(param_dtype)
   with abstract_params():  # shapes + metadata only; every parameter is filled from the files below
-    model = RewardModel(fam, cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), param_dtype=pdt, attention=attention,
-                        remat=remat)
+    model = RewardModel(
+      fam,
+      cfg,
+      rngs=nnx.Rngs(0),
+      dtype=jnp.dtype(dtype),
+      param_dtype=pdt,
+      attention=attention,
+      remat=remat,
+    )
   for hf_key, nnx_path, kind in fam.hf_param_map(cfg):
     param = _get(model.backbone, nnx_path)
     want = tuple(param.get_value().shape)
     key = index.find(hf_key)
     if key is None:
-      raise UserError(f"{path}: tensor '{hf_key}' (or '{legacy_name(hf_key)}') not found in the checkpoint")
+      raise UserError(
+        f"{path}: tensor '{hf_key}' (or '{legacy_name(hf_key)}') not found in the checkpoint"
+      )
     hf_shape = _expected_hf_shape(kind, want, cfg)
     if index.shape(key) != hf_shape:
-      raise UserError(f"{index.file_of(key)}: tensor '{key}' has shape {list(index.shape(key))}, expected "
-                      f"{list(hf_shape)} from config.json")
+      raise UserError(
+        f"{index.file_of(key)}: tensor '{key}' has shape {list(index.shape(key))}, expected "
+        f"{list(hf_shape)} from config.json"
+      )
     param.set_value(jnp.asarray(_hf_to_param(kind, index.get(key), want).astype(pdt)))
   _load_value_head(model, path, index, pdt)
-  unset = [k for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+  unset = [
+    k
+    for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    if isinstance(v.get_value(), jax.ShapeDtypeStruct)
+  ]
   if unset:
     raise ValueError(f"{fam.MODEL_TYPE}.hf_param_map misses parameters: {unset[:5]}")
   return model
@@ -212,17 +262,25 @@ def _load_value_head(model, path: Path, index: _TensorIndex, pdt) -> None:
   elif index.find(V_HEAD_WEIGHT) is not None:
     src = index
   if src is None:
-    log.warning("%s: no %s; the value head is freshly initialised (rewards are meaningless until trained)",
-                path, VALUE_HEAD_FILE)
+    log.warning(
+      "%s: no %s; the value head is freshly initialised (rewards are meaningless until trained)",
+      path,
+      VALUE_HEAD_FILE,
+    )
     fresh = nnx.Rngs(0).params()
-    model.v_head.kernel.set_value((jax.random.normal(fresh, (h, 1), jnp.float32) / (h + 1)).astype(pdt))
+    model.v_head.kernel.set_value(
+      (jax.random.normal(fresh, (h, 1), jnp.float32) / (h + 1)).astype(pdt)
+    )
     model.v_head.bias.set_value(jnp.zeros((1,), pdt))
     return
   for key, want in ((V_HEAD_WEIGHT, (1, h)), (V_HEAD_BIAS, (1,))):
     if src.find(key) is None:
       raise UserError(f"{src.file_of(next(iter(src.where)))}: tensor '{key}' not found")
     if src.shape(key) != want:
-      raise UserError(f"{src.file_of(key)}: tensor '{key}' has shape {list(src.shape(key))}, expected {list(want)}")
+      raise UserError(
+        f"{src.file_of(key)}: tensor '{key}' has shape {list(src.shape(key))}, expected "
+        f"{list(want)}"
+      )
   model.v_head.kernel.set_value(jnp.asarray(src.get(V_HEAD_WEIGHT).T.astype(pdt)))
   model.v_head.bias.set_value(jnp.asarray(src.get(V_HEAD_BIAS).astype(pdt)))
 
@@ -230,17 +288,27 @@ def _load_value_head(model, path: Path, index: _TensorIndex, pdt) -> None:
 # ----------------------------------------------------------------------------------------------
 # Export
 
-def export_hf(model, out_dir, *, dtype: str | None = None, max_shard_bytes: int = 5 * 1024 ** 3,
-              source_dir: str | os.PathLike | None = None) -> Path:
+
+def export_hf(
+  model,
+  out_dir,
+  *,
+  dtype: str | None = None,
+  max_shard_bytes: int = 5 * 1024**3,
+  source_dir: str | os.PathLike | None = None,
+) -> Path:
   """Writes `model` (a RewardModel) as an HF directory: config.json, model safetensors (current key
   names, sharded with an index above `max_shard_bytes`), value_head.safetensors, and the tokenizer /
   preprocessor files copied from `source_dir` when given. The files are committed together
-  (`atomic_outputs`: a failure leaves a previous export in `out_dir` as it was), config.json last."""
-  import ml_dtypes
+  (`atomic_outputs`: a failure leaves a previous export in `out_dir` as it was), config.json
+  last."""
+
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   fam, cfg = model.family, model.config
-  np_dtype = None if dtype is None else (ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
+  np_dtype = (
+    None if dtype is None else (ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
+  )
 
   def host(x):
     a = np.asarray(jax.device_get(x))
@@ -253,7 +321,9 @@ def export_hf(model, out_dir, *, dtype: str | None = None, max_shard_bytes: int 
     entries.append((hf_key, param, kind, hf_shape))
   entries += _lm_head_entry(cfg, source_dir, entries)
   itemsize = np.dtype(np_dtype).itemsize if np_dtype is not None else None
-  sizes = [math.prod(s) * (itemsize or np.dtype(p.get_value().dtype).itemsize) for _, p, _, s in entries]
+  sizes = [
+    math.prod(s) * (itemsize or np.dtype(p.get_value().dtype).itemsize) for _, p, _, s in entries
+  ]
   shards, cur, cur_size = [], [], 0
   for e, size in zip(entries, sizes):
     if cur and cur_size + size > max_shard_bytes:
@@ -262,29 +332,40 @@ def export_hf(model, out_dir, *, dtype: str | None = None, max_shard_bytes: int 
     cur.append(e)
     cur_size += size
   shards.append(cur)
-  names = (["model.safetensors"] if len(shards) == 1 else
-           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  names = (
+    ["model.safetensors"]
+    if len(shards) == 1
+    else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  )
   hf_cfg = cfg.to_hf()
   hf_cfg["dtype"] = dtype or str(np.dtype(entries[0][1].get_value().dtype))
   with atomic_outputs():
     weight_map = {}
     for name, shard in zip(names, shards):
-      tensors = {k: np.ascontiguousarray(_param_to_hf(kind, host(p.get_value()), s))
-                 for k, p, kind, s in shard}
+      tensors = {
+        k: np.ascontiguousarray(_param_to_hf(kind, host(p.get_value()), s))
+        for k, p, kind, s in shard
+      }
       _write_safetensors(out / name, tensors)
       weight_map.update({k: name for k in tensors})
       del tensors
     if len(shards) > 1:
-      write_json(out / "model.safetensors.index.json",
-                 {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map})
-    head = {V_HEAD_WEIGHT: np.ascontiguousarray(host(model.v_head.kernel.get_value()).T),
-            V_HEAD_BIAS: host(model.v_head.bias.get_value())}
+      write_json(
+        out / "model.safetensors.index.json",
+        {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map},
+      )
+    head = {
+      V_HEAD_WEIGHT: np.ascontiguousarray(host(model.v_head.kernel.get_value()).T),
+      V_HEAD_BIAS: host(model.v_head.bias.get_value()),
+    }
     _write_safetensors(out / VALUE_HEAD_FILE, head)
     if source_dir is not None and Path(source_dir).resolve() != out.resolve():
       _copy_processor_files(Path(source_dir), out)
     write_json(out / "config.json", hf_cfg)  # last: it is what makes the directory an HF model
   stale = out / "model.safetensors.index.json"
-  if len(shards) == 1 and stale.exists():  # only now: until the commit the old index matched the old shards
+  if (
+    len(shards) == 1 and stale.exists()
+  ):  # only now: until the commit the old index matched the old shards
     stale.unlink()
   return out
 
@@ -315,17 +396,23 @@ def _lm_head_entry(cfg, source_dir, entries) -> list:
       index = None
     if index is not None and index.find(LM_HEAD) is not None:
       if want is not None and index.shape(LM_HEAD) != want:
-        raise UserError(f"{index.file_of(LM_HEAD)}: tensor '{LM_HEAD}' has shape "
-                        f"{list(index.shape(LM_HEAD))}, expected {list(want)} from the model")
+        raise UserError(
+          f"{index.file_of(LM_HEAD)}: tensor '{LM_HEAD}' has shape "
+          f"{list(index.shape(LM_HEAD))}, expected {list(want)} from the model"
+        )
       return [(LM_HEAD, _HostTensor(index.get(LM_HEAD)), "copy", index.shape(LM_HEAD))]
-  log.warning("export: no %s to carry (the base model directory%s has none and the config does "
-              "not tie it to the embeddings); transformers will initialise it when loading the "
-              "export", LM_HEAD, f" {source_dir}" if source_dir is not None else " is unknown")
+  log.warning(
+    "export: no %s to carry (the base model directory%s has none and the config does "
+    "not tie it to the embeddings); transformers will initialise it when loading the "
+    "export",
+    LM_HEAD,
+    f" {source_dir}" if source_dir is not None else " is unknown",
+  )
   return []
 
 
 def _write_safetensors(path: Path, tensors: dict) -> None:
-  from safetensors.numpy import save as st_save
+
   with atomic_open(path, "wb") as f:
     f.write(st_save(tensors, metadata={"format": "pt"}))
 

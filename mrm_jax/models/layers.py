@@ -12,7 +12,8 @@ config.json fields; see mrm_jax/models/__init__.py):
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +21,14 @@ import numpy as np
 from flax import nnx
 
 from mrm_jax.models import common
-from mrm_jax.models.common import GatedMLP, LayerNorm, Linear, MLP, RMSNorm
+from mrm_jax.models.common import MLP, GatedMLP, LayerNorm, Linear, RMSNorm
 
 ParamNames = list[tuple[str, tuple, str]]
 
 
 # ----------------------------------------------------------------------------------------------
 # Vision tower
+
 
 class VisionAttention(nnx.Module):
   """Fused-qkv attention under the 2-D rotary, within each image / frame / window: per item
@@ -70,8 +72,14 @@ class VisionBlock(nnx.Module):
     self.norm2 = _vision_norm(cfg, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype)
     self.attn = VisionAttention(cfg, attention=attention, **kw)
     if cfg.mlp == "gated":
-      self.mlp = GatedMLP(cfg.embed_dim, cfg.mlp_dim, act=cfg.hidden_act, use_bias=True,
-                          axes=("vision_embed", "vision_mlp"), **kw)
+      self.mlp = GatedMLP(
+        cfg.embed_dim,
+        cfg.mlp_dim,
+        act=cfg.hidden_act,
+        use_bias=True,
+        axes=("vision_embed", "vision_mlp"),
+        **kw,
+      )
     else:
       self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, act=cfg.hidden_act, **kw)
 
@@ -85,7 +93,7 @@ class PatchMerger(nnx.Module):
   (Qwen2-VL: LayerNorm; Qwen2.5-VL: RMSNorm)."""
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs):
-    self.hidden = cfg.embed_dim * cfg.spatial_merge_size ** 2
+    self.hidden = cfg.embed_dim * cfg.spatial_merge_size**2
     self.ln_q = _vision_norm(cfg, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = Linear(self.hidden, self.hidden, axes=(None, "vision_mlp"), **kw)
@@ -104,13 +112,15 @@ class VisionTower(nnx.Module):
   def __init__(self, cfg, *, dtype, param_dtype, rngs, attention=None, remat="none"):
     self.cfg, self.remat = cfg, remat
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.patch_embed = Linear(cfg.patch_dim, cfg.embed_dim, use_bias=False,
-                              axes=(None, "vision_embed"), **kw)
+    self.patch_embed = Linear(
+      cfg.patch_dim, cfg.embed_dim, use_bias=False, axes=(None, "vision_embed"), **kw
+    )
     self.blocks = nnx.List([VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, **kw)
 
-  def __call__(self, pixel_values, segment_ids, pos_ids, window_segment_ids=None, *, items=None,
-               windows=None):
+  def __call__(
+    self, pixel_values, segment_ids, pos_ids, window_segment_ids=None, *, items=None, windows=None
+  ):
     """`pixel_values [P, patch_dim]` → (merged tokens `[P / merge², out_dim]`, no DeepStack
     features). `items` / `windows`: the `common.ItemLayout`s of the segment ids (per-item
     attention); without them attention runs under block-diagonal masks."""
@@ -122,13 +132,15 @@ class VisionTower(nnx.Module):
     else:
       window = windows if windows is not None else common.segment_mask(window_segment_ids)
       full = self.cfg.fullatt_block_indexes
-      x = common.apply_layers(self.blocks, self.remat, x,
-                              layer_args=lambda i: (cos, sin, mask if i in full else window))
+      x = common.apply_layers(
+        self.blocks, self.remat, x, layer_args=lambda i: (cos, sin, mask if i in full else window)
+      )
     return self.merger(x), []
 
 
 # ----------------------------------------------------------------------------------------------
 # Language model
+
 
 class TextAttention(nnx.Module):
   """GQA under multimodal RoPE; optional per-head q/k RMSNorm before the rotary (Qwen3)."""
@@ -179,30 +191,44 @@ class TextModel(nnx.Module):
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs, attention=None, remat="none"):
     self.cfg, self.remat = cfg, remat
-    self.embed_tokens = common.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                     param_dtype=param_dtype, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                         attention=attention)
-                            for _ in range(cfg.num_hidden_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axes=("embed",), dtype=dtype,
-                        param_dtype=param_dtype)
+    self.embed_tokens = common.Embed(
+      cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    self.layers = nnx.List(
+      [
+        DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention)
+        for _ in range(cfg.num_hidden_layers)
+      ]
+    )
+    self.norm = RMSNorm(
+      cfg.hidden_size, cfg.rms_norm_eps, axes=("embed",), dtype=dtype, param_dtype=param_dtype
+    )
 
   def __call__(self, embeds, position_ids, attention_mask, deepstack: Sequence[jax.Array] = ()):
     """`deepstack[k]` (`[B, T, H]`, zero away from vision tokens) is added after decoder layer k."""
     c = self.cfg
-    cos, sin = common.mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section,
-                                    interleaved=c.mrope_interleaved)
+    cos, sin = common.mrope_cos_sin(
+      position_ids, c.head_dim, c.rope_theta, c.mrope_section, interleaved=c.mrope_interleaved
+    )
 
     def add_deepstack(i, x):
       return x + deepstack[i].astype(x.dtype) if i < len(deepstack) else x
 
-    x = common.apply_layers(self.layers, self.remat, embeds, cos, sin, attention_mask,
-                            after=add_deepstack if deepstack else None)
+    x = common.apply_layers(
+      self.layers,
+      self.remat,
+      embeds,
+      cos,
+      sin,
+      attention_mask,
+      after=add_deepstack if deepstack else None,
+    )
     return self.norm(x)
 
 
 # ----------------------------------------------------------------------------------------------
 # Backbone
+
 
 class Backbone(nnx.Module):
   """Vision tower + decoder; `__call__(batch)` → last hidden state `[B, T, H]` (after the norm).
@@ -217,8 +243,16 @@ class Backbone(nnx.Module):
   # tower keyword ← batch prefix of its per-item attention layout (vision_layout.LAYOUTS)
   vision_layouts: dict[str, str] = {"items": "vision_items"}
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention: str | None = None, remat: str = "none"):
+  def __init__(
+    self,
+    cfg,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    attention: str | None = None,
+    remat: str = "none",
+  ):
     self.config = cfg
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention, remat=remat)
     self.visual = self.vision_tower(cfg.vision, **kw)
@@ -233,18 +267,21 @@ class Backbone(nnx.Module):
       tokens = (self.config.image_token_id, self.config.video_token_id)
       arrays = [jnp.asarray(batch[k]) for k in self.vision_keys]
       layouts = {k: common.item_layout(batch, prefix) for k, prefix in self.vision_layouts.items()}
-      vis, feats = self.visual(jnp.asarray(pixels), *arrays,
-                               **{k: v for k, v in layouts.items() if v is not None})
+      vis, feats = self.visual(
+        jnp.asarray(pixels), *arrays, **{k: v for k, v in layouts.items() if v is not None}
+      )
       offsets = batch.get("vision_token_offset")
       embeds = common.scatter_vision_tokens(embeds, ids, vis, tokens, offsets)
       zeros = jnp.zeros_like(embeds)
       deepstack = [common.scatter_vision_tokens(zeros, ids, f, tokens, offsets) for f in feats]
-    return self.language_model(embeds, jnp.asarray(batch["position_ids"]),
-                               jnp.asarray(batch["attention_mask"]), deepstack)
+    return self.language_model(
+      embeds, jnp.asarray(batch["position_ids"]), jnp.asarray(batch["attention_mask"]), deepstack
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # HF parameter names of these layers (`(hf_key, nnx_path, kind)`, see `hf_param_map` in __init__)
+
 
 def linear_names(prefix: str, path: tuple, bias: bool = True) -> ParamNames:
   out = [(f"{prefix}.weight", path + ("kernel",), "linear")]
@@ -260,8 +297,9 @@ def norm_names(prefix: str, path: tuple, bias: bool) -> ParamNames:
   return out
 
 
-def vision_block_names(cfg, mlp_names: Callable[[str, tuple], ParamNames],
-                       prefix: str = "model.visual") -> ParamNames:
+def vision_block_names(
+  cfg, mlp_names: Callable[[str, tuple], ParamNames], prefix: str = "model.visual"
+) -> ParamNames:
   """Every `VisionBlock` of the tower; `mlp_names(hf_prefix, nnx_path)` names one block's MLP."""
   out = []
   for i in range(cfg.depth):
@@ -274,15 +312,18 @@ def vision_block_names(cfg, mlp_names: Callable[[str, tuple], ParamNames],
   return out
 
 
-def vision_tower_names(cfg, mlp_names: Callable[[str, tuple], ParamNames],
-                       prefix: str = "model.visual") -> ParamNames:
+def vision_tower_names(
+  cfg, mlp_names: Callable[[str, tuple], ParamNames], prefix: str = "model.visual"
+) -> ParamNames:
   """`VisionTower` (patch embedding, blocks, `PatchMerger`)."""
   vp = ("visual",)
-  return ([(f"{prefix}.patch_embed.proj.weight", vp + ("patch_embed", "kernel"), "patch_embed")]
-          + vision_block_names(cfg, mlp_names, prefix)
-          + norm_names(f"{prefix}.merger.ln_q", vp + ("merger", "ln_q"), cfg.norm == "layernorm")
-          + linear_names(f"{prefix}.merger.mlp.0", vp + ("merger", "fc1"))
-          + linear_names(f"{prefix}.merger.mlp.2", vp + ("merger", "fc2")))
+  return (
+    [(f"{prefix}.patch_embed.proj.weight", vp + ("patch_embed", "kernel"), "patch_embed")]
+    + vision_block_names(cfg, mlp_names, prefix)
+    + norm_names(f"{prefix}.merger.ln_q", vp + ("merger", "ln_q"), cfg.norm == "layernorm")
+    + linear_names(f"{prefix}.merger.mlp.0", vp + ("merger", "fc1"))
+    + linear_names(f"{prefix}.merger.mlp.2", vp + ("merger", "fc2"))
+  )
 
 
 def text_model_names(cfg, prefix: str = "model.language_model") -> ParamNames:
@@ -307,6 +348,7 @@ def text_model_names(cfg, prefix: str = "model.language_model") -> ParamNames:
 # ----------------------------------------------------------------------------------------------
 # Processor hooks shared by the families (numpy)
 
+
 def vision_position_ids(grid_thw: np.ndarray, merge_size: int) -> np.ndarray:
   """Per-patch (row, column) ids `[P, 2]` in the merge-block-major patch order of the processor."""
   out = []
@@ -321,14 +363,19 @@ def vision_position_ids(grid_thw: np.ndarray, merge_size: int) -> np.ndarray:
 
 def placeholder_text(kind: str, thw, cfg, merge_size: int, **video_timing) -> str:
   """One vision item's placeholder run; `video_timing` (frame counts) only matters to Qwen3-VL."""
-  n = int(np.prod(thw)) // merge_size ** 2
+  n = int(np.prod(thw)) // merge_size**2
   pad = "<|image_pad|>" if kind == "image" else "<|video_pad|>"
   return "<|vision_start|>" + pad * n + "<|vision_end|>"
 
 
-def mrope_positions(input_ids: np.ndarray, grid_thw: np.ndarray, image_token_id: int,
-                    video_token_id: int, merge_size: int,
-                    video_intervals: Sequence[float] = ()) -> np.ndarray:
+def mrope_positions(
+  input_ids: np.ndarray,
+  grid_thw: np.ndarray,
+  image_token_id: int,
+  video_token_id: int,
+  merge_size: int,
+  video_intervals: Sequence[float] = (),
+) -> np.ndarray:
   """M-RoPE position ids `[3, T]` of one unpadded example, as transformers' `get_rope_index`
   builds them.
 
@@ -355,8 +402,10 @@ def mrope_positions(input_ids: np.ndarray, grid_thw: np.ndarray, image_token_id:
         raise ValueError(msg) from None
       gh, gw = h // merge_size, w // merge_size
       if t * gh * gw != n:
-        raise ValueError(f"vision item at token {start} has {n} placeholders but its grid "
-                         f"{t}x{h}x{w} needs {t * gh * gw}")
+        raise ValueError(
+          f"vision item at token {start} has {n} placeholders but its grid "
+          f"{t}x{h}x{w} needs {t * gh * gw}"
+        )
       interval = np.float32(next(intervals, 1.0)) if kind == 2 else np.float32(1.0)
       temporal = (np.arange(t).astype(np.float32) * interval).astype(np.int64)
       tt, hh, ww = np.meshgrid(temporal, np.arange(gh), np.arange(gw), indexing="ij")

@@ -27,9 +27,9 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
 
 import numpy as np
 import transformers
@@ -49,9 +49,9 @@ IMAGE_PREPROCESS = ("transformers", "llamafactory")
 # LLaMA-Factory 0.9 chat templates of the Qwen-VL families: name → (default system, text put before
 # every answer); all are ChatML (qwen2_vl serves Qwen2.5-VL too).
 TEMPLATES = {
-    "qwen2_vl": ("You are a helpful assistant.", ""),
-    "qwen3_vl": ("", "<think>\n\n</think>\n\n"),
-    "qwen3_vl_nothink": ("", ""),
+  "qwen2_vl": ("You are a helpful assistant.", ""),
+  "qwen3_vl": ("", "<think>\n\n</think>\n\n"),
+  "qwen3_vl_nothink": ("", ""),
 }
 _IMAGE_TRIO = "<|vision_start|><|image_pad|><|vision_end|>"
 _VIDEO_TRIO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -59,11 +59,20 @@ _VIDEO_TRIO = "<|vision_start|><|video_pad|><|vision_end|>"
 log = logging.getLogger(__name__)
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
-  """transformers' Qwen2-VL `smart_resize`: both sides multiples of `factor`, area in range, aspect kept."""
+def smart_resize(
+  height: int,
+  width: int,
+  factor: int = 28,
+  min_pixels: int = 56 * 56,
+  max_pixels: int = 14 * 14 * 4 * 1280,
+) -> tuple[int, int]:
+  """transformers' Qwen2-VL `smart_resize`: both sides multiples of `factor`, area in range, aspect
+  kept."""
   if max(height, width) / min(height, width) > 200:
-    raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    raise ValueError(
+      "absolute aspect ratio must be smaller than 200, got "
+      f"{max(height, width) / min(height, width)}"
+    )
   h_bar = round(height / factor) * factor
   w_bar = round(width / factor) * factor
   if h_bar * w_bar > max_pixels:
@@ -90,7 +99,8 @@ def _refuse_decompression_bombs() -> None:
   """PIL only warns about an image between MAX_IMAGE_PIXELS and twice that (and raises above): make
   the warning an error too, so such an image is refused with one line instead of being decoded with
   a warning printed among the output. A process-wide filter, checked on each call because
-  `warnings.catch_warnings` blocks (pytest's, a caller's) drop it on exit; `catch_warnings` around each
+  `warnings.catch_warnings` blocks (pytest's, a caller's) drop it on exit; `catch_warnings` around
+  each
   open would be simpler but is not thread-safe, and images are decoded in tf.data's threads."""
 
   bomb = Image.DecompressionBombWarning
@@ -111,7 +121,13 @@ def open_image(path: str | os.PathLike, where: str = "record", name: str | None 
     raise UserError(f"{where}: image {shown} not found") from None
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     raise UserError(f"{where}: image {shown} is too large to decode safely ({e})") from None
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:  # truncated, corrupt
+  except (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+  ) as e:  # truncated, corrupt
     raise UserError(f"{where}: image {shown} cannot be decoded ({type(e).__name__})") from None
 
 
@@ -120,8 +136,9 @@ def load_image(path: str | os.PathLike, where: str = "record", name: str | None 
   return to_rgb(open_image(path, where, name))
 
 
-def llamafactory_image(image, max_pixels: int = LF_IMAGE_MAX_PIXELS,
-                       min_pixels: int = LF_IMAGE_MIN_PIXELS):
+def llamafactory_image(
+  image, max_pixels: int = LF_IMAGE_MAX_PIXELS, min_pixels: int = LF_IMAGE_MIN_PIXELS
+):
   """LLaMA-Factory 0.9's Qwen-VL image regularisation (`Qwen2VLPlugin._preprocess_image`), step for
   step: shrink to at most `max_pixels` (its image_max_pixels), enlarge to at least `min_pixels`,
   stretch a side under 28 px to 28, cap the aspect ratio at 180, each a PIL resize with PIL's
@@ -158,8 +175,9 @@ def _bicubic_coefficients(in_size: int, out_size: int, precision: int | None):
     lo = max(int(center - support + 0.5), 0)
     n = min(min(int(center + support + 0.5), in_size) - lo, k)
     x = np.abs((np.arange(n) + lo - center + 0.5) * inv)
-    w = np.where(x < 1, (1.5 * x - 2.5) * x * x + 1,
-                 np.where(x < 2, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
+    w = np.where(
+      x < 1, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0)
+    )
     total = w.sum()
     first[i], weights[i, :n] = lo, (w / total if total != 0 else w)
   if precision is None:
@@ -182,8 +200,9 @@ def _resample_axis(arr: np.ndarray, out_size: int, axis: int, precision: int | N
   return np.moveaxis(np.clip(acc >> bits, 0, 255).astype(np.uint8), 0, axis)
 
 
-def resize_bicubic_uint8(arr: np.ndarray, height: int, width: int,
-                         precision: int | None = None) -> np.ndarray:
+def resize_bicubic_uint8(
+  arr: np.ndarray, height: int, width: int, precision: int | None = None
+) -> np.ndarray:
   """HWC uint8 → (height, width) with the fixed-point antialiased bicubic of PIL (`precision=22`)
   or of torch's uint8 CPU kernel, which transformers' torchvision backend runs (`None`): a
   horizontal pass to uint8, then a vertical one."""
@@ -194,8 +213,9 @@ def resize_bicubic_uint8(arr: np.ndarray, height: int, width: int,
   return arr
 
 
-def normalize_frames(frames: Sequence, height: int, width: int, settings: dict,
-                     backend: str = "pil") -> np.ndarray:
+def normalize_frames(
+  frames: Sequence, height: int, width: int, settings: dict, backend: str = "pil"
+) -> np.ndarray:
   """RGB PIL frames → resized, rescaled, normalised float32 `[F, C, H, W]`, as transformers' image
   processor does it with its PIL backend (`"pil"`) or its torchvision one (`"torchvision"`: torch's
   uint8 bicubic, and rescale fused into a float32 normalisation)."""
@@ -217,7 +237,8 @@ def normalize_frames(frames: Sequence, height: int, width: int, settings: dict,
 
 
 def patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int):
-  """`[F, C, H, W]` → (`[gt*gh*gw, C*tp*p*p]` patches, (gt, gh, gw)), merge-block-major like transformers."""
+  """`[F, C, H, W]` → (`[gt*gh*gw, C*tp*p*p]` patches, (gt, gh, gw)), merge-block-major like
+  transformers."""
   f, c, h, w = frames.shape
   if pad := -f % temporal_patch_size:
     frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
@@ -233,30 +254,39 @@ def process_image(image, settings: dict, backend: str = "pil"):
   """One RGB PIL image → (patches, (1, gh, gw)) with transformers' Qwen2-VL image processor math
   (`backend` as in `normalize_frames`)."""
   factor = settings["patch_size"] * settings["merge_size"]
-  h, w = smart_resize(image.height, image.width, factor, settings["min_pixels"], settings["max_pixels"])
+  h, w = smart_resize(
+    image.height, image.width, factor, settings["min_pixels"], settings["max_pixels"]
+  )
   frames = normalize_frames([image], h, w, settings, backend)
   frames = np.repeat(frames, settings["temporal_patch_size"], axis=0)
-  return patchify(frames, settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"])
+  return patchify(
+    frames, settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
+  )
 
 
 def process_video(frames: Sequence, settings: dict):
   """RGB PIL frames of one clip → (patches, (gt, gh, gw))."""
   factor = settings["patch_size"] * settings["merge_size"]
-  h, w = smart_resize(frames[0].height, frames[0].width, factor, settings["min_pixels"], settings["max_pixels"])
+  h, w = smart_resize(
+    frames[0].height, frames[0].width, factor, settings["min_pixels"], settings["max_pixels"]
+  )
   arr = normalize_frames(frames, h, w, settings)
-  return patchify(arr, settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"])
+  return patchify(
+    arr, settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"]
+  )
 
 
 @dataclasses.dataclass
 class Encoded:
   """One encoded scoring record (numpy, unpadded)."""
-  input_ids: np.ndarray                 # [T] int32
-  position_ids: np.ndarray              # [3, T] int32
-  pixel_values: np.ndarray              # [P, C*tp*p*p] float32 (vision items in order of appearance)
-  grid_thw: np.ndarray                  # [n, 3] int32
-  patch_arrays: dict[str, np.ndarray]   # family per-patch arrays, first dim P
+
+  input_ids: np.ndarray  # [T] int32
+  position_ids: np.ndarray  # [3, T] int32
+  pixel_values: np.ndarray  # [P, C*tp*p*p] float32 (vision items in order of appearance)
+  grid_thw: np.ndarray  # [n, 3] int32
+  patch_arrays: dict[str, np.ndarray]  # family per-patch arrays, first dim P
   truncated: bool = False
-  vision_kinds: tuple[str, ...] = ()    # "image" / "video" per row of grid_thw
+  vision_kinds: tuple[str, ...] = ()  # "image" / "video" per row of grid_thw
 
   @property
   def length(self) -> int:
@@ -273,8 +303,16 @@ def _settings(defaults: dict, override: dict | None, min_pixels=None, max_pixels
   size = o.pop("size", None) or {}
   if not isinstance(size, dict):
     raise UserError("field 'size' should be an object")
-  for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor",
-            "min_pixels", "max_pixels"):
+  for k in (
+    "patch_size",
+    "temporal_patch_size",
+    "merge_size",
+    "image_mean",
+    "image_std",
+    "rescale_factor",
+    "min_pixels",
+    "max_pixels",
+  ):
     if o.get(k) is not None:
       s[k] = o[k]
   if size.get("shortest_edge") is not None:
@@ -292,21 +330,31 @@ _POSITIVE_INTS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels
 
 
 def _checked_settings(settings: dict, where: Path) -> dict:
-  """Processor settings as the encoder needs them; a wrong value is a UserError naming the file it came
+  """Processor settings as the encoder needs them; a wrong value is a UserError naming the file it
+  came
   from (a hand-edited preprocessor_config.json, say), not a traceback from deep in the resize."""
+
   def bad(key, what):
     raise UserError(f"{where}: field '{key}' should be {what}, got {settings[key]!r}")
+
   for key in _POSITIVE_INTS:
     v = settings.get(key)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
       bad(key, "a positive integer")
   for key in ("image_mean", "image_std"):
     v = settings.get(key)
-    if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 3 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+    if v is not None and not (
+      isinstance(v, (list, tuple))
+      and len(v) == 3
+      and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+      )
+    ):
       bad(key, "a list of 3 finite numbers")
   v = settings.get("rescale_factor")
-  if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+  if v is not None and (
+    isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+  ):
     bad("rescale_factor", "a positive number")
   return settings
 
@@ -369,13 +417,21 @@ def written_by_llamafactory(path: Path) -> str | None:
 class Processor:
   """Tokenizer + chat template + image/video settings + the family's hooks."""
 
-  def __init__(self, tokenizer, family: ModuleType, config, image_settings: dict | None = None,
-               video_settings: dict | None = None, image_preprocess: str = "transformers",
-               lf_image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
-               lf_image_min_pixels: int = LF_IMAGE_MIN_PIXELS):
+  def __init__(
+    self,
+    tokenizer,
+    family: ModuleType,
+    config,
+    image_settings: dict | None = None,
+    video_settings: dict | None = None,
+    image_preprocess: str = "transformers",
+    lf_image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
+    lf_image_min_pixels: int = LF_IMAGE_MIN_PIXELS,
+  ):
     if image_preprocess not in IMAGE_PREPROCESS:
-      raise UserError(f"unknown image preprocessing '{image_preprocess}' "
-                      f"(one of {', '.join(IMAGE_PREPROCESS)})")
+      raise UserError(
+        f"unknown image preprocessing '{image_preprocess}' (one of {', '.join(IMAGE_PREPROCESS)})"
+      )
     self.tokenizer, self.family, self.config = tokenizer, family, config
     self.image_preprocess = image_preprocess
     self.template: str | None = None
@@ -384,17 +440,29 @@ class Processor:
     self.image_settings = image_settings or dict(family.IMAGE_DEFAULTS)
     self.video_settings = video_settings or dict(family.VIDEO_DEFAULTS)
     if not getattr(tokenizer, "chat_template", None):
-      raise UserError("tokenizer has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)")
+      raise UserError(
+        "tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
+        "chat_template.jinja)"
+      )
     pad = tokenizer.pad_token_id
     if pad is None:
       pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     self.pad_id = int(pad) if pad is not None else 0
 
   @classmethod
-  def from_pretrained(cls, path, family: ModuleType, config, *, min_pixels=None, max_pixels=None,
-                      image_preprocess: str | None = None, template: str | None = None,
-                      lf_image_max_pixels: int | None = None,
-                      lf_image_min_pixels: int | None = None) -> "Processor":
+  def from_pretrained(
+    cls,
+    path,
+    family: ModuleType,
+    config,
+    *,
+    min_pixels=None,
+    max_pixels=None,
+    image_preprocess: str | None = None,
+    template: str | None = None,
+    lf_image_max_pixels: int | None = None,
+    lf_image_min_pixels: int | None = None,
+  ) -> Processor:
     """`image_preprocess` None (or "auto") picks "llamafactory" for a directory LLaMA-Factory wrote
     (`written_by_llamafactory`, announced with a warning) and "transformers" otherwise."""
     path = Path(path)
@@ -411,14 +479,31 @@ class Processor:
     image_cfg, image_file, video_cfg, video_file = _processor_files(path)
     if image_cfg is None:
       d = family.IMAGE_DEFAULTS
-      log.warning("%s: no %s, nor %s with an 'image_processor' object; using the built-in %s "
-                  "image settings (min_pixels=%d, max_pixels=%d)", path, PREPROCESSOR_FILE,
-                  PROCESSOR_FILE, family.MODEL_TYPE, d["min_pixels"], d["max_pixels"])
+      log.warning(
+        "%s: no %s, nor %s with an 'image_processor' object; using the built-in %s "
+        "image settings (min_pixels=%d, max_pixels=%d)",
+        path,
+        PREPROCESSOR_FILE,
+        PROCESSOR_FILE,
+        family.MODEL_TYPE,
+        d["min_pixels"],
+        d["max_pixels"],
+      )
     try:
-      image = _checked_settings(_settings(family.IMAGE_DEFAULTS, image_cfg, min_pixels, max_pixels), image_file)
-      video = _settings(family.VIDEO_DEFAULTS, {k: v for k, v in (image_cfg or {}).items()
-                                                 if k not in ("min_pixels", "max_pixels", "size")})
-      video = _checked_settings(_settings(video, video_cfg), video_file if video_cfg else image_file)
+      image = _checked_settings(
+        _settings(family.IMAGE_DEFAULTS, image_cfg, min_pixels, max_pixels), image_file
+      )
+      video = _settings(
+        family.VIDEO_DEFAULTS,
+        {
+          k: v
+          for k, v in (image_cfg or {}).items()
+          if k not in ("min_pixels", "max_pixels", "size")
+        },
+      )
+      video = _checked_settings(
+        _settings(video, video_cfg), video_file if video_cfg else image_file
+      )
     except UserError as e:
       if not str(e).startswith("field "):
         raise
@@ -429,10 +514,15 @@ class Processor:
       image_preprocess = "transformers"
       if (why := written_by_llamafactory(path)) is not None:
         image_preprocess = "llamafactory"
-        log.warning("%s: written by LLaMA-Factory (%s), so images are preprocessed as LLaMA-Factory "
-                    "does (image_max_pixels=%d, image_min_pixels=%d, torchvision resize); pass "
-                    "--image-preprocess transformers (data.image_preprocess) for transformers' own",
-                    path, why, lf_max, lf_min)
+        log.warning(
+          "%s: written by LLaMA-Factory (%s), so images are preprocessed as LLaMA-Factory "
+          "does (image_max_pixels=%d, image_min_pixels=%d, torchvision resize); pass "
+          "--image-preprocess transformers (data.image_preprocess) for transformers' own",
+          path,
+          why,
+          lf_max,
+          lf_min,
+        )
     proc = cls(tok, family, config, image, video, image_preprocess, lf_max, lf_min)
     proc.set_template(template)
     return proc
@@ -440,8 +530,11 @@ class Processor:
   # -- text -----------------------------------------------------------------------------------
 
   def _messages(self, system: str | None, parts: list, answer: str) -> list[dict]:
-    content = [{"type": p} if p in ("image", "video") else {"type": "text", "text": p} for p in parts
-               if p not in ("",)]
+    content = [
+      {"type": p} if p in ("image", "video") else {"type": "text", "text": p}
+      for p in parts
+      if p not in ("",)
+    ]
     msgs = [] if system is None else [{"role": "system", "content": system}]
     return msgs + [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
 
@@ -478,8 +571,11 @@ class Processor:
       if item is None or item[0] != kind:
         raise ValueError("chat template produced vision placeholders out of order")
       out.append(text[pos:i])
-      out.append(self.family.placeholder_text(kind, item[1], self.config, self.image_settings["merge_size"],
-                                              **item[2]))
+      out.append(
+        self.family.placeholder_text(
+          kind, item[1], self.config, self.image_settings["merge_size"], **item[2]
+        )
+      )
       pos = i + len(_IMAGE_TRIO if kind == "image" else _VIDEO_TRIO)
     out.append(text[pos:])
     return self.tokenizer("".join(out), add_special_tokens=False)["input_ids"]
@@ -495,8 +591,14 @@ class Processor:
       return process_image(image, self.image_settings, backend="torchvision")
     return process_image(to_rgb(image), self.image_settings)
 
-  def encode(self, record: dict, image_root, max_len: int, where: str = "record",
-             vision: Encoded | None = None) -> Encoded:
+  def encode(
+    self,
+    record: dict,
+    image_root,
+    max_len: int,
+    where: str = "record",
+    vision: Encoded | None = None,
+  ) -> Encoded:
     """A scoring record (`images`, `videos`?, `question`, `answer`, `system`?) → `Encoded`.
 
     `vision`: an encoding of a record with the same images and videos (a pair's other response),
@@ -516,8 +618,11 @@ class Processor:
       parts = ["image"] * len(images) + ["video"] * len(videos) + [question]
     else:
       if n_img != len(images) or n_vid != len(videos):
-        raise UserError(f"{where}: the question has {n_img} <image> / {n_vid} <video> placeholders but the record "
-                        f"has {len(images)} images / {len(videos)} videos")
+        raise UserError(
+          f"{where}: the question has {n_img} <image> / {n_vid} <video> placeholders but the "
+          "record "
+          f"has {len(images)} images / {len(videos)} videos"
+        )
       parts = [{"<image>": "image", "<video>": "video"}.get(p, p) for p in pieces]
     # vision items in order of appearance
     img_iter, vid_iter = iter(images), iter(videos)
@@ -552,13 +657,17 @@ class Processor:
     if vision is not None:
       pixels, arrays = vision.pixel_values, vision.patch_arrays
     else:
-      pixels = (np.concatenate(patches, 0).astype(np.float32) if patches
-                else np.zeros((0, dim), np.float32))
+      pixels = (
+        np.concatenate(patches, 0).astype(np.float32) if patches else np.zeros((0, dim), np.float32)
+      )
       arrays = self.family.vision_patch_arrays(grid_thw, self.config)
-    return Encoded(ids, pos.astype(np.int32), pixels, grid_thw, arrays, truncated, tuple(k for k, _, _ in grids))
+    return Encoded(
+      ids, pos.astype(np.int32), pixels, grid_thw, arrays, truncated, tuple(k for k, _, _ in grids)
+    )
 
   def _fit(self, system, parts, answer, grids, max_len: int, where: str):
-    """Token ids within `max_len`: cut the question text (end), then the system prompt, then the answer's
+    """Token ids within `max_len`: cut the question text (end), then the system prompt, then the
+    answer's
     beginning; never vision tokens or the final scored token."""
     ids = self._render(system, parts, answer, grids)
     if len(ids) <= max_len:
@@ -583,26 +692,46 @@ class Processor:
       return lo
 
     total = sum(len(parts[i]) for i in texts)
-    k = largest(lambda k: len(self._render(system, with_question(k), answer, grids)) <= max_len, total)
+    k = largest(
+      lambda k: len(self._render(system, with_question(k), answer, grids)) <= max_len, total
+    )
     if k >= 0:
       return self._render(system, with_question(k), answer, grids), True
     q0 = with_question(0)
     sys_text = system if system is not None else ""
-    k = largest(lambda k: len(self._render(sys_text[:k], q0, answer, grids)) <= max_len, len(sys_text))
+    k = largest(
+      lambda k: len(self._render(sys_text[:k], q0, answer, grids)) <= max_len, len(sys_text)
+    )
     if k >= 0:
       return self._render(sys_text[:k], q0, answer, grids), True
     n = len(answer)
-    k = largest(lambda k: len(self._render("", q0, answer[n - k:] if k else "", grids)) <= max_len, n)
+    k = largest(
+      lambda k: len(self._render("", q0, answer[n - k :] if k else "", grids)) <= max_len, n
+    )
     if k >= 0:
-      return self._render("", q0, answer[n - k:] if k else "", grids), True
+      return self._render("", q0, answer[n - k :] if k else "", grids), True
     raise UserError(f"{where}: the images/videos alone need more than max_len={max_len} tokens")
 
-  def collate(self, examples: Sequence[Encoded], seq_len: int, patch_budget: int | None = None,
-              strength: Sequence[float] | None = None, share: Sequence[int | None] | None = None,
-              layout_sizes: dict | None = None) -> dict[str, np.ndarray]:
-    return collate(examples, seq_len, patch_budget, pad_id=self.pad_id, merge_size=self.config.merge_size,
-                   patch_dim=self.config.vision.patch_dim, strength=strength, share=share,
-                   layout_sizes=layout_sizes)
+  def collate(
+    self,
+    examples: Sequence[Encoded],
+    seq_len: int,
+    patch_budget: int | None = None,
+    strength: Sequence[float] | None = None,
+    share: Sequence[int | None] | None = None,
+    layout_sizes: dict | None = None,
+  ) -> dict[str, np.ndarray]:
+    return collate(
+      examples,
+      seq_len,
+      patch_budget,
+      pad_id=self.pad_id,
+      merge_size=self.config.merge_size,
+      patch_dim=self.config.vision.patch_dim,
+      strength=strength,
+      share=share,
+      layout_sizes=layout_sizes,
+    )
 
 
 def pair_share(rows: int) -> list[int | None]:
@@ -612,18 +741,27 @@ def pair_share(rows: int) -> list[int | None]:
   return [None] * half + list(range(half))
 
 
-def collate(examples: Sequence[Encoded], seq_len: int, patch_budget: int | None = None, *, pad_id: int = 0,
-            merge_size: int = 2, patch_dim: int | None = None,
-            strength: Sequence[float] | None = None, share: Sequence[int | None] | None = None,
-            layout_sizes: dict | None = None) -> dict[str, np.ndarray]:
-  """Static-shape batch (right padding). `patch_budget` (a multiple of merge_size**2) bounds the vision
-  patches of the whole batch; None = exactly what the examples need. Each image / video frame gets
-  its own vision segment id (1, 2, ...; 0 = padding patch). `share[b] = a`: row b has the vision
-  items of row a (same grids), whose patches and merged tokens it reuses (`pair_share`: a pair's images go
-  through the tower once). Adds the per-item attention layouts and `vision_token_offset`
+def collate(
+  examples: Sequence[Encoded],
+  seq_len: int,
+  patch_budget: int | None = None,
+  *,
+  pad_id: int = 0,
+  merge_size: int = 2,
+  patch_dim: int | None = None,
+  strength: Sequence[float] | None = None,
+  share: Sequence[int | None] | None = None,
+  layout_sizes: dict | None = None,
+) -> dict[str, np.ndarray]:
+  """Static-shape batch (right padding). `patch_budget` (a multiple of merge_size**2) bounds the
+  vision patches of the whole batch; None = exactly what the examples need. Each image / video frame
+  gets its own vision segment id (1, 2, ...; 0 = padding patch). `share[b] = a`: row b has the
+  vision items of row a (same grids), whose patches and merged tokens it reuses (`pair_share`: a
+  pair's images go through the tower once). Adds the per-item attention layouts and
+  `vision_token_offset`
   (mrm_jax/models/vision_layout.py; `layout_sizes` fixes their static sizes)."""
   b = len(examples)
-  unit = merge_size ** 2
+  unit = merge_size**2
   share = list(share) if share is not None else [None] * b
   if len(share) != b:
     raise ValueError(f"share lists {len(share)} rows, the batch has {b}")
@@ -640,11 +778,11 @@ def collate(examples: Sequence[Encoded], seq_len: int, patch_budget: int | None 
   if patch_dim is None:
     patch_dim = next((e.pixel_values.shape[1] for e in examples), 0)
   batch = {
-      "input_ids": np.full((b, seq_len), pad_id, np.int32),
-      "attention_mask": np.zeros((b, seq_len), np.int32),
-      "position_ids": np.zeros((3, b, seq_len), np.int32),
-      "pixel_values": np.zeros((patch_budget, patch_dim), np.float32),
-      "vision_segment_ids": np.zeros((patch_budget,), np.int32),
+    "input_ids": np.full((b, seq_len), pad_id, np.int32),
+    "attention_mask": np.zeros((b, seq_len), np.int32),
+    "position_ids": np.zeros((3, b, seq_len), np.int32),
+    "pixel_values": np.zeros((patch_budget, patch_dim), np.float32),
+    "vision_segment_ids": np.zeros((patch_budget,), np.int32),
   }
   for e in examples:
     for name, arr in e.patch_arrays.items():
@@ -655,26 +793,26 @@ def collate(examples: Sequence[Encoded], seq_len: int, patch_budget: int | None 
   for i, e in enumerate(examples):
     if e.length > seq_len:
       raise ValueError(f"example {i} has {e.length} tokens, more than seq_len {seq_len}")
-    batch["input_ids"][i, :e.length] = e.input_ids
-    batch["attention_mask"][i, :e.length] = 1
-    batch["position_ids"][:, i, :e.length] = e.position_ids
+    batch["input_ids"][i, : e.length] = e.input_ids
+    batch["attention_mask"][i, : e.length] = 1
+    batch["position_ids"][:, i, : e.length] = e.position_ids
     if share[i] is not None:
       continue
     n = e.num_patches
-    batch["pixel_values"][p0:p0 + n] = e.pixel_values
+    batch["pixel_values"][p0 : p0 + n] = e.pixel_values
     q = p0
     for t, h, w in e.grid_thw.reshape(-1, 3):
       for _ in range(int(t)):
         seg += 1
-        batch["vision_segment_ids"][q:q + h * w] = seg
+        batch["vision_segment_ids"][q : q + h * w] = seg
         q += int(h * w)
     for name, arr in e.patch_arrays.items():
       if name.endswith("_segment_ids"):
         off = offsets.get(name, 0)
-        batch[name][p0:p0 + n] = np.where(arr > 0, arr + off, 0)
+        batch[name][p0 : p0 + n] = np.where(arr > 0, arr + off, 0)
         offsets[name] = off + int(arr.max(initial=0))
       else:
-        batch[name][p0:p0 + n] = arr
+        batch[name][p0 : p0 + n] = arr
     p0 += n
   if strength is not None:
     batch["strength"] = np.asarray(strength, np.float32)

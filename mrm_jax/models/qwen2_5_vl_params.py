@@ -7,8 +7,11 @@ from mrm_jax.models.layers import ParamNames, linear_names, text_model_names, vi
 
 
 def mlp_names(prefix: str, path: tuple) -> ParamNames:
-  return [e for name in ("gate_proj", "up_proj", "down_proj")
-          for e in linear_names(f"{prefix}.{name}", path + (name,))]
+  return [
+    e
+    for name in ("gate_proj", "up_proj", "down_proj")
+    for e in linear_names(f"{prefix}.{name}", path + (name,))
+  ]
 
 
 def hf_param_map(cfg) -> ParamNames:

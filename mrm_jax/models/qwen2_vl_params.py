@@ -7,8 +7,9 @@ from mrm_jax.models.layers import ParamNames, linear_names, text_model_names, vi
 
 def mlp_names(prefix: str, path: tuple) -> ParamNames:
   """The vision blocks' fc1 → QuickGELU → fc2 MLP."""
-  return (linear_names(f"{prefix}.fc1", path + ("fc1",))
-          + linear_names(f"{prefix}.fc2", path + ("fc2",)))
+  return linear_names(f"{prefix}.fc1", path + ("fc1",)) + linear_names(
+    f"{prefix}.fc2", path + ("fc2",)
+  )
 
 
 def hf_param_map(cfg) -> ParamNames:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrm_jax.models.common import Linear, resolve_attention
+from mrm_jax.models.families import get_family
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -26,26 +27,47 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
 
 
 class RewardModel(nnx.Module):
-  """`RewardModel(batch) -> rewards [B] float32`. `family` is the family module, `config` its Config."""
+  """`RewardModel(batch) -> rewards [B] float32`. `family` is the family module, `config` its
+  Config."""
 
-  def __init__(self, family: ModuleType, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention: str | None = None, remat: str = "none", head_init: str = "normal"):
+  def __init__(
+    self,
+    family: ModuleType,
+    config,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    attention: str | None = None,
+    remat: str = "none",
+    head_init: str = "normal",
+  ):
     """`attention`: "auto" / None (resolved by `common.resolve_attention` for this process's
     platform and `dtype`), "xla" or "cudnn"."""
     self.family_name = family.MODEL_TYPE
     self.config = config
-    attention = resolve_attention(attention, dtype,
-                                  head_dims=(config.text.head_dim, config.vision.head_dim))
-    self.backbone = family.Backbone(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                    attention=attention, remat=remat)
-    # LLaMA-Factory initialises the value head with a small normal; "zeros" gives reward 0 everywhere.
+    attention = resolve_attention(
+      attention, dtype, head_dims=(config.text.head_dim, config.vision.head_dim)
+    )
+    self.backbone = family.Backbone(
+      config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat
+    )
+    # LLaMA-Factory initialises the value head with a small normal; "zeros" gives reward 0
+    # everywhere.
     std = 0.0 if head_init == "zeros" else 1.0 / (config.hidden_size + 1)
-    self.v_head = Linear(config.hidden_size, 1, axes=("embed", None), dtype=jnp.float32,
-                         param_dtype=param_dtype, rngs=rngs, init_std=std)
+    self.v_head = Linear(
+      config.hidden_size,
+      1,
+      axes=("embed", None),
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      init_std=std,
+    )
 
   @property
   def family(self) -> ModuleType:
-    from mrm_jax.models import get_family
+
     return get_family(self.family_name)
 
   def hidden_and_rewards(self, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:

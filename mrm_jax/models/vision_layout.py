@@ -24,7 +24,7 @@ compiles few shapes; callers that stack several collated sub-batches pass common
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -73,8 +73,9 @@ def batch_needs(examples) -> dict[str, tuple[int, int]]:
   """`{segment-id array: (items, largest item)}` of the batch `collate` would build from `examples`
   (`Encoded`s, each sending its own vision): an item per image / video frame, plus the family's
   own `*_segment_ids` patch arrays (Qwen2.5-VL's windows)."""
-  frames = [(int(h * w), int(t)) for e in examples
-            for t, h, w in np.asarray(e.grid_thw).reshape(-1, 3)]
+  frames = [
+    (int(h * w), int(t)) for e in examples for t, h, w in np.asarray(e.grid_thw).reshape(-1, 3)
+  ]
   out = {"vision_segment_ids": (sum(t for _, t in frames), max((n for n, _ in frames), default=0))}
   for name in LAYOUTS:
     if name == "vision_segment_ids":
@@ -85,8 +86,9 @@ def batch_needs(examples) -> dict[str, tuple[int, int]]:
   return out
 
 
-def common_sizes(batches_needs: Iterable[Mapping[str, tuple[int, int]]]
-                 ) -> dict[str, tuple[int, int]]:
+def common_sizes(
+  batches_needs: Iterable[Mapping[str, tuple[int, int]]],
+) -> dict[str, tuple[int, int]]:
   """Static layout sizes fitting every one of several batches (sub-batches stacked together)."""
   by_name: dict[str, list] = {}
   for needs in batches_needs:
@@ -95,8 +97,9 @@ def common_sizes(batches_needs: Iterable[Mapping[str, tuple[int, int]]]
   return {name: sizes(ns) for name, ns in by_name.items()}
 
 
-def item_layout(segment_ids: np.ndarray, rows: int | None = None,
-                width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def item_layout(
+  segment_ids: np.ndarray, rows: int | None = None, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`(index [rows, width], lengths [rows], slot [P, 2])` of one segment-id array (module doc)."""
   seg = np.asarray(segment_ids).reshape(-1)
   items = segment_items(seg)
@@ -104,8 +107,10 @@ def item_layout(segment_ids: np.ndarray, rows: int | None = None,
   rows = auto_rows if rows is None else int(rows)
   width = auto_width if width is None else int(width)
   if len(items) > rows or any(len(i) > width for i in items):
-    raise ValueError(f"{len(items)} vision items of up to {max(len(i) for i in items)} patches do "
-                     f"not fit a {rows} x {width} attention layout")
+    raise ValueError(
+      f"{len(items)} vision items of up to {max(len(i) for i in items)} patches do "
+      f"not fit a {rows} x {width} attention layout"
+    )
   index = np.zeros((rows, width), np.int32)
   lengths = np.zeros((rows,), np.int32)
   slot = np.zeros((seg.shape[0], 2), np.int32)
@@ -131,8 +136,9 @@ def add_layouts(batch: dict, sizes_by_name: Mapping[str, tuple[int, int]] | None
   return batch
 
 
-def token_offsets(tokens_per_row: Iterable[int],
-                  share: Iterable[int | None] | None = None) -> np.ndarray:
+def token_offsets(
+  tokens_per_row: Iterable[int], share: Iterable[int | None] | None = None
+) -> np.ndarray:
   """`vision_token_offset [B]`: row b's first merged vision token. Rows with `share[b] = a` reuse
   row a's tokens (and bring none of their own); the others follow each other in row order."""
   counts = list(tokens_per_row)

@@ -107,7 +107,7 @@ class Checkpointer:
       try:
         with _quiet_aborted_reads():
           state, data_state = self._restore(step, abstract_state)
-      # noqa: BLE001 - orbax / tensorstore raise many types for damaged files
+      # orbax / tensorstore raise many types for damaged files
       except Exception as e:
         failed.append((step, e))
         continue
