@@ -2,16 +2,15 @@
 subprocess under its own time limit, one JSON line per step appended to OUT/gpu_check.jsonl as soon
 as it ends (so a step that crashes or times out loses only itself), all output in OUT/gpu_check.log.
 
-  python benchmarks/gpu_check.py --out $OUT                 # on the GPU machine (via gpu_check.sh)
-  python benchmarks/gpu_check.py --dry-run --out /tmp/gc    # every step on CPU with tiny shapes
-  (CI) python benchmarks/gpu_check.py --out $OUT --only 2.3,3    # rerun what failed (a step id or a
-  group)
+  python benchmarks/gpu_check.py --out $OUT               # on the GPU machine (gpu_check.sh)
+  python benchmarks/gpu_check.py --dry-run --out /tmp/gc  # every step on CPU, tiny shapes (CI)
+  python benchmarks/gpu_check.py --out $OUT --only 2.3,3  # rerun what failed (step ids or groups)
 
 Steps (ids for --only; "2" selects 2.1-2.4):
   0    env               versions, devices, whether tensorflow is importable (it is not needed)
-  1    bf16_rewards      tiny presets of qwen2_vl, qwen2_5_vl, qwen3_vl: bf16 rewards with attention
-  auto (and
-                         cudnn on a GPU) against fp32 on the CPU device at highest matmul precision
+  1    bf16_rewards      tiny presets of qwen2_vl, qwen2_5_vl, qwen3_vl: bf16 rewards with
+                         attention auto (and cudnn on a GPU) against fp32 on the CPU device at
+                         highest matmul precision
   2.1  peer_train_gc0    shared/bench/peer_torch_rm_step.py --gc 0 (PyTorch + transformers)
   2.2  peer_train_gc1    ... --gc 1
   2.3  train_remat_none  benchmarks/train_step.py --preset qwen2vl_2b_shape --remat none
@@ -24,8 +23,8 @@ Steps (ids for --only; "2" selects 2.1-2.4):
 
 The dry run runs the peer on CPU through `--inner peer-cpu`: the peer script hard-codes CUDA and the
 2B dimensions and has no flags for either, so a torch function mode moves its tensors to the CPU and
-its Qwen2VLConfig is shrunk (1 layer each; hidden 1536, which its value head hard-codes, kept). A
-global `--budget` caps the whole run: a step's limit is cut to what is left, and a step with too
+its Qwen2VLConfig is shrunk (1 layer each; hidden 1536, which its value head hard-codes, kept).
+A global `--budget` caps the whole run: a step's limit is cut to what is left, and a step with too
 little left is recorded as skipped.
 """
 

@@ -1,8 +1,8 @@
 """Host time per train step outside the device computation, and whether the loop reads device
 values every step. Prints one JSON line.
 
-  python benchmarks/host_loop.py                 # bench-shaped batch (8 pairs x 1,024 tokens, 448²
-  images) python benchmarks/host_loop.py --pairs 2 --text 48 --img 56 --steps 5   # quick look
+  python benchmarks/host_loop.py        # bench-shaped batch (8 pairs x 1,024 tokens, 448² images)
+  python benchmarks/host_loop.py --pairs 2 --text 48 --img 56 --steps 5   # quick look
 
 The real `mrm_jax.train.loop.train` runs a tiny Qwen2-VL reward model on the same host batch every
 step (so the input pipeline's own cost is not counted; benchmarks/input_pipeline.py measures that),

@@ -8,8 +8,7 @@ normalise, patchify, chat template, tokenise, M-RoPE ids, collate to static shap
 One pair = chosen + rejected = two encoded sequences of one 448² image (1024 patches each).
 
     python benchmarks/input_pipeline.py --cores 1
-    python benchmarks/input_pipeline.py --cores 1 2 4 8   # scaling (on a machine that has the
-    cores)
+    python benchmarks/input_pipeline.py --cores 1 2 4 8   # scaling (on a machine with the cores)
 
 Nothing is downloaded: the tokenizer is the embedded demo world's (its size barely matters; the
 image work dominates), with Qwen2-VL's image settings at max_pixels = 448².

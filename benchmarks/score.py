@@ -3,9 +3,8 @@
 sharded data-parallel over the devices) on synthetic items.
 
     python benchmarks/score.py                                   # tiny Qwen2-VL, CPU
+    # the sharded path on 2 CPU "devices"
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/score.py --devices 2
-                                                                 # the sharded path on 2 CPU
-                                                                 "devices"
     python benchmarks/score.py --preset qwen2-vl-2b --dtype bfloat16 --n 256 --batch-size 32 \
         --image-size 448 --text-tokens 700                       # the GPU workload of shared/bench
 

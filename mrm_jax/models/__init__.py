@@ -6,8 +6,7 @@ Entry points
 - `load_reward_model(path, dtype=..., param_dtype=...)` → `(RewardModel, Processor)` from a local HF
   directory (see `mrm_jax.models.hf_io`).
 - `get_family(name)` → the family module for a `model_type` / `model.family` ("qwen2_vl",
-"qwen2_5_vl",
-  "qwen3_vl"), imported lazily.
+  "qwen2_5_vl", "qwen3_vl"), imported lazily (`mrm_jax.models.families`).
 
 LAYOUT
 ------
@@ -23,8 +22,8 @@ LAYOUT
   `VisionTower` (Qwen2-VL / Qwen2.5-VL), `TextAttention` / `DecoderLayer` / `TextModel` (Qwen2 and
   Qwen3 decoders), `Backbone` (embed → scatter vision tokens → decoder → final norm), the HF names
   of these layers (`linear_names`, `vision_tower_names`, `text_model_names`, ...) and the
-  processor's
-  `mrope_positions` / `vision_position_ids` / `placeholder_text`. A family picks among the shared
+  processor's `mrope_positions` / `vision_position_ids` / `placeholder_text`. A family picks among
+  the shared
   layouts with class constants on its configs (vision: `norm`, `mlp`, and the `embed_dim` /
   `mlp_dim` / `out_dim` sizes; text: `qkv_bias`, `o_bias`, `qk_norm`, `mrope_interleaved`).
 - `<family>.py` (qwen2_vl, qwen2_5_vl, qwen3_vl): only what differs: its Config / presets, its
@@ -42,27 +41,26 @@ A family module defines:
     The config.json `model_type` it loads ("qwen2_vl").
 `Config`
     A frozen (hashable) dataclass. Must provide:
-      `Config.from_hf(d: dict) -> Config`   parse a config.json dict (flat pre-v5 layout or nested
-                                            `text_config`/`vision_config`); raise `UserError` on bad
-                                            values.
+      `Config.from_hf(d: dict) -> Config`   parse a config.json dict (flat pre-v5 layout or
+                                            nested `text_config`/`vision_config`); raise
+                                            `UserError` on bad values.
       `cfg.to_hf() -> dict`                 config.json content that transformers' AutoConfig loads.
       `cfg.hidden_size`                     LM hidden size (input of the value head).
       `cfg.image_token_id`, `cfg.video_token_id`, `cfg.vision_start_token_id`,
       `cfg.vision_end_token_id`.
-      `cfg.merge_size`                      spatial merge size (patches per LM token =
-      merge_size**2).
-      `cfg.vision.patch_dim`                C * temporal_patch_size * patch_size**2 (pixel_values
-      width).
+      `cfg.merge_size`                      spatial merge size (patches per LM token:
+                                            merge_size**2).
+      `cfg.vision.patch_dim`                C * temporal_patch_size * patch_size**2 (the width of
+                                            pixel_values).
       `dataclasses.replace(cfg, ...)` must work (the tests shrink presets).
 `PRESETS: dict[str, Config]`
     At least "tiny" (CPU tests) and the real sizes (e.g. "qwen2-vl-2b", "qwen2-vl-7b").
 `Backbone(cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention=None, remat="none")`
     Usually a subclass of `layers.Backbone`: an `nnx.Module` with sub-modules `visual` (vision tower
-    + merger; what `freeze_vision` freezes) and
-    `language_model`. `__call__(batch) -> [B, T, H]`: the last hidden state AFTER the final norm, in
-    `dtype`. The LM head (vocabulary projection) is never built or computed. `attention`: "xla" |
-    "cudnn" (`RewardModel` resolves "auto" / None with `common.resolve_attention`). The batch keys
-    it reads:
+    and merger; what `freeze_vision` freezes) and `language_model`. `__call__(batch) -> [B, T, H]`:
+    the last hidden state AFTER the final norm, in `dtype`. The LM head (vocabulary projection) is
+    never built or computed. `attention`: "xla" | "cudnn" (`RewardModel` resolves "auto" / None
+    with `common.resolve_attention`). The batch keys it reads:
       input_ids [B,T] int32, attention_mask [B,T] int32 (1 = token), position_ids [3,B,T] int32,
       pixel_values [P, C*tp*p*p] float32 (P = static patch budget, a multiple of merge_size**2; may
       be 0), vision_segment_ids [P] int32 (0 = padding patch; one id per image / video frame), plus
@@ -70,8 +68,8 @@ A family module defines:
       vision_layout.py) the per-item attention layouts `vision_items_*` (`vision_windows_*`),
       without which vision attention runs over the whole sequence under a block-diagonal mask, and
       `vision_token_offset [B]` (each row's first merged vision token: rows may share them).
-      Placeholder tokens (image_token_id / video_token_id)
-      receive the merged vision tokens in order of appearance (row-major over the batch).
+      Placeholder tokens (image_token_id / video_token_id) receive the merged vision tokens in
+      order of appearance (row-major over the batch).
 `hf_param_map(cfg) -> list[tuple[str, tuple, str]]`  (defined in `<family>_params.py`)
     `(hf_key, nnx_path, kind)` for every parameter of `Backbone`: `hf_key` in the transformers-5
     naming (`model.language_model.*`, `model.visual.*`); `hf_io` also accepts the older hub names
@@ -87,10 +85,9 @@ Processor hooks (numpy, used by `mrm_jax.models.processor`):
       unpadded example; `grid_thw` lists its vision items (images and videos) in order of
       appearance.
     `vision_patch_arrays(grid_thw [n,3], cfg) -> dict[str, np.ndarray]`: per-patch arrays of one
-    example
-      in patch order (first dim = its patch count), e.g. {"vision_pos_ids": [P, 2]}. `collate` pads
-      them to the patch budget with zeros; names ending in "_segment_ids" are offset to stay unique
-      across the batch (0 stays "padding").
+      example in patch order (first dim = its patch count), e.g. {"vision_pos_ids": [P, 2]}.
+      `collate` pads them to the patch budget with zeros; names ending in "_segment_ids" are
+      offset to stay unique across the batch (0 stays "padding").
     `placeholder_text(kind, thw, cfg, merge_size) -> str`: the text replacing one templated
       `<|vision_start|><|image_pad|><|vision_end|>` (kind "image") or `...<|video_pad|>...`
       ("video"), given the item's (t, h, w) patch grid.

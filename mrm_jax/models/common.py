@@ -2,14 +2,13 @@
 
 Conventions (every family follows them, so HF weights map mechanically):
 - `Linear.kernel` is `[in, out]` (the transpose of torch's `[out, in]` weight); `Linear.bias`
-`[out]`.
+  `[out]`.
 - Norm weights are called `scale` (and `bias` for LayerNorm); embeddings `embedding` `[vocab, H]`.
 - Parameters carry logical axis names (docs/internals.md) as NNX sharding metadata, created with
   `eager_sharding=False` so a model can be built without a mesh; `mrm_jax.train.sharding` places
   them.
 - Parameters are stored in `param_dtype` (fp32 by default); matmuls run in `dtype` (the compute
-dtype);
-  norms, softmax statistics and rotary angles are computed in float32 as transformers does.
+  dtype); norms, softmax statistics and rotary angles are computed in float32 as transformers does.
 """
 
 from __future__ import annotations

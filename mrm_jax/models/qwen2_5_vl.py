@@ -5,8 +5,7 @@ config comes from mrm_jax/models/qwen2_vl.py):
 - Vision blocks: RMSNorm (no bias) instead of LayerNorm, and a SwiGLU MLP *with* biases
   (`gate_proj`/`up_proj`/`down_proj`, `hidden_act` silu) instead of fc1/QuickGELU/fc2. The vision
   config uses `hidden_size` / `intermediate_size` / `out_hidden_size` (Qwen2-VL: `embed_dim` /
-  `mlp_ratio` /
-  `hidden_size`).
+  `mlp_ratio` / `hidden_size`).
 - Window attention: every block not listed in `fullatt_block_indexes` attends only inside windows of
   `window_size // merge_size // patch_size` merge units per side (per frame). transformers reorders
   the merge units window by window (`window_index`), runs variable-length attention over
@@ -14,10 +13,9 @@ config comes from mrm_jax/models/qwen2_vl.py):
   does not depend on their order, every other op is per token, and the merger only mixes the patches
   of one merge unit (which the reordering keeps together), so the same result comes from giving each
   patch the id of its window and attending within equal ids, in the processor's patch order: each
-  window is one row of the
-  `vision_windows_*` layout (vision_layout.py), so windows cost their own size, not the full square.
-  `window_index` is computed on the host exactly as transformers does, and the per-patch
-  `vision_window_segment_ids` derive from it.
+  window is one row of the `vision_windows_*` layout (vision_layout.py), so windows cost their own
+  size, not the full square. `window_index` is computed on the host exactly as transformers does,
+  and the per-patch `vision_window_segment_ids` derive from it.
 - Patch merger: RMSNorm `ln_q` instead of LayerNorm.
 - The LM is the Qwen2-VL decoder unchanged (same weights layout, chunked M-RoPE by `mrope_section`).
 - Video temporal positions in the rope index advance by `tokens_per_second * second_per_grid_ts` per

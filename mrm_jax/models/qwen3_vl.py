@@ -6,23 +6,20 @@ What differs from Qwen2-VL / Qwen2.5-VL (the shared layers are in mrm_jax/models
   interpolation with `align_corners=True` (4 taps per patch, indices and weights computed on the
   host, in the processor's merge-block patch order, like transformers'
   `get_vision_interpolation_indices_and_weights`) and added after the patch embedding, on top of the
-  same 2-D rotary as Qwen2-VL. Blocks are pre-LayerNorm with a
-  `linear_fc1 → hidden_act (gelu_pytorch_tanh) → linear_fc2` MLP; attention is per image / frame (no
-  windows). The merger is `norm → linear_fc1 → GELU → linear_fc2` (LayerNorm over the vision width).
+  same 2-D rotary as Qwen2-VL. Blocks are pre-LayerNorm with a `linear_fc1 → hidden_act
+  (gelu_pytorch_tanh) → linear_fc2` MLP; attention is per image / frame (no windows). The merger is
+  `norm → linear_fc1 → GELU → linear_fc2` (LayerNorm over the vision width).
 - DeepStack: after the vision blocks listed in `deepstack_visual_indexes`, the hidden states go
-through their
-  own mergers (LayerNorm over the concatenated merge_size² patches, "post-shuffle"), and the k-th of
-  these features is added to the LM hidden states at the image / video placeholder positions right
-  after LM decoder layer k.
+  through their own mergers (LayerNorm over the concatenated merge_size² patches, "post-shuffle"),
+  and the k-th of these features is added to the LM hidden states at the image / video placeholder
+  positions right after LM decoder layer k.
 - LM: the Qwen3 decoder: q/k RMSNorm per head before the rotary, explicit `head_dim`,
-`attention_bias`
-  (False on the hub) on all four projections, and *interleaved* M-RoPE (frequency i follows the
-  height positions when i % 3 == 1, width when i % 3 == 2, each up to 3 * mrope_section;
+  `attention_bias` (False on the hub) on all four projections, and *interleaved* M-RoPE (frequency i
+  follows the height positions when i % 3 == 1, width when i % 3 == 2, each up to 3 * mrope_section;
   transformers applies this layout whatever `mrope_interleaved` says).
 - Video: the chat template puts a `<t seconds>` timestamp before every temporal patch, each frame
-group
-  wrapped in its own vision start / end tokens, so the rope index treats every temporal patch as an
-  image of grid (1, h, w) (no temporal spacing).
+  group wrapped in its own vision start / end tokens, so the rope index treats every temporal patch
+  as an image of grid (1, h, w) (no temporal spacing).
 """
 
 from __future__ import annotations
