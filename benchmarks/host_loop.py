@@ -9,6 +9,11 @@ step (so the input pipeline's own cost is not counted; benchmarks/input_pipeline
 and the same jitted step runs alone on a batch already on the device. The difference of the two
 per-step times is what the loop adds: stacking, the host-to-device copy, dispatch and any wait on
 device values that keeps the next step from being dispatched.
+
+On a CPU the device step (seconds) drowns that difference in noise, so `--null-step` also runs the
+loop with a step that reads every batch array but computes nothing: the loop's time per step is
+then the host's own time per step (fetch, stack, copy to the device, dispatch, reads of device
+values), the figure issue 17 asks to halve.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import train_step as bench  # benchmarks/train_step.py: the synthetic bench-shaped examples
 from flax import nnx
@@ -28,6 +34,7 @@ from mrm_jax.config import base_config
 from mrm_jax.models import create_reward_model, get_family
 from mrm_jax.models.processor import collate
 from mrm_jax.train import sharding as shd
+from mrm_jax.train import step as train_step_module
 from mrm_jax.train.loop import Setup, train
 
 
@@ -68,6 +75,23 @@ def loop_step_seconds(cfg, batch: dict) -> float:
   return 1.0 / last["steps_per_s"]
 
 
+def _null_train_step(self, state, batch):
+  """A step that depends on every batch array (so all of it is transferred) and computes nothing."""
+  touch = sum(jnp.sum(v.reshape(-1)[:1].astype(jnp.float32)) for v in jax.tree.leaves(batch))
+  loss = touch * 0.0 + 0.5
+  metrics = {"loss": loss, "accuracy": loss, "learning_rate": loss, "grad_norm": loss}
+  return dict(state, step=state["step"] + 1), metrics
+
+
+def null_loop_step_seconds(cfg, batch: dict) -> float:
+  real = train_step_module.Trainer._train_step
+  train_step_module.Trainer._train_step = _null_train_step
+  try:
+    return loop_step_seconds(cfg, batch)
+  finally:
+    train_step_module.Trainer._train_step = real
+
+
 def device_step_seconds(cfg, batch: dict, steps: int) -> float:
   setup = Setup(
     cfg,
@@ -97,12 +121,14 @@ def main(argv=None):
   )
   p.add_argument("--img", type=int, default=448, help="image side (one image per sequence)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--null-step", action="store_true", help="also time the loop around a null step")
   a = p.parse_args(argv)
   cfg = config(a.pairs, a.steps)
   model_cfg = get_family("qwen2_vl").PRESETS["tiny"]
   batch = host_batch(model_cfg, a.pairs, a.text, a.img)
   device = device_step_seconds(cfg, batch, a.steps)
   loop = loop_step_seconds(cfg, batch)
+  host_only = null_loop_step_seconds(cfg, batch) if a.null_step else None
   print(
     json.dumps(
       {
@@ -115,6 +141,7 @@ def main(argv=None):
         "loop_step_s": round(loop, 4),
         "device_step_s": round(device, 4),
         "host_s_per_step": round(max(loop - device, 0.0), 4),
+        "null_step_loop_s": None if host_only is None else round(host_only, 4),
       }
     )
   )

@@ -7,7 +7,8 @@ or --config.curate.world_dir=WORLD_DIR); its debiased (`construct`) and T2I pair
 training data, its noisy pairs (a known share of flipped labels) are curated with the world's
 simulated judge, its held-out pairs are the eval split of every training run, and its truth files
 measure how many flipped labels curation finds. Training settings are those of configs/demo.py,
-except that every training run lasts a fixed number of epochs over its data, as reward-model recipes count
+except that every training run lasts a fixed number of epochs over its data, as reward-model recipes
+count
 training (LLaMA-Factory's `num_train_epochs`): the base run (1200 debiased + T2I pairs) takes 225
 steps, a curation round's retrain on those plus ~1000 noisy pairs 411. With 300 steps for every run
 the retrains saw each pair about half as often as the base run and ended less converged (default
@@ -24,8 +25,8 @@ from mrm_jax.demo.world import world_config
 
 def get_config(arg=None):
   c = load_config_file(str(Path(__file__).with_name("demo.py")))
-  c.world = world_config("small")   # `mrm-jax demo` sets the size from --size
-  c.train.num_epochs = 3   # overrides num_steps (set num_epochs=0 to count steps)
+  c.world = world_config("small")  # `mrm-jax demo` sets the size from --size
+  c.train.num_epochs = 3  # overrides num_steps (set num_epochs=0 to count steps)
   c.curate = curate_config()
   c.curate.rounds = 2
   c.curate.world_dir = arg or ""

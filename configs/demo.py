@@ -20,18 +20,18 @@ def get_config(arg=None):
   c.seed = 0
   c.model.family = "qwen2_vl"
   c.model.preset = "tiny"
-  c.model.freeze_vision = False   # the tiny vision tower is random: it has to learn too
+  c.model.freeze_vision = False  # the tiny vision tower is random: it has to learn too
   c.data.max_seq_len = 128
   c.data.seq_buckets = (64, 96, 128)
   c.data.max_pixels = 64 * 64
   c.data.min_pixels = 28 * 28
-  c.train.num_steps = 300           # the demo itself counts epochs instead: configs/curate_demo.py
+  c.train.num_steps = 300  # the demo itself counts epochs instead: configs/curate_demo.py
   c.train.batch_size = 16
   c.train.learning_rate = 1e-3
   c.train.warmup_ratio = 0.1
   c.train.log_every = 10
   c.train.checkpoint_every = 100
-  # With data.train empty, `mrm-jax train` trains on this embedded world (WORKDIR/world, its debiased
-  # and T2I pairs; held-out pairs for eval): --config.world.size=small for a quick run.
+  # With data.train empty, `mrm-jax train` trains on this embedded world (WORKDIR/world, its
+  # debiased and T2I pairs; held-out pairs for eval): --config.world.size=small for a quick run.
   c.world = world_config("full")
   return c

@@ -1,5 +1,6 @@
-"""`mrm-jax demo` end to end on a small world (DESIGN §3.1c): summary.json's contract keys, each number
-recomputed by hand from the files the run leaves, valid PNG plots, the closing table, and resumption.
+"""`mrm-jax demo` end to end on a small world (DESIGN §3.1c): summary.json's contract keys, each
+number recomputed by hand from the files the run leaves, valid PNG plots, the closing table, and
+resumption.
 
 The run is interrupted once (an injected fault in curation round 0's judge stage), finished by a
 second call, then rerun through the command line: the rerun must redo nothing and write the same
@@ -20,16 +21,37 @@ from PIL import Image
 from mrm_jax.cli import main
 from mrm_jax.demo import curation as loop
 from mrm_jax.demo.config import load_demo_config
-from mrm_jax.demo.world import ensure_world
 from mrm_jax.demo.pipeline import run_demo
+from mrm_jax.demo.world import ensure_world
 from mrm_jax.errors import UserError
 
-CONTRACT = ("round0_heldout_accuracy", "heldout_accuracy", "noise_precision", "noise_recall", "seconds")
-OVERRIDES = [f"--config.{k}={v}" for k, v in {
-    "world.n_candidates": 10, "world.n_t2i": 6, "world.n_noisy": 30, "world.n_heldout": 12,
-    "world.flip_fraction": 0.3, "curate.rounds": 1, "curate.score.batch_size": 8,
-    "train.num_epochs": 0, "train.num_steps": 4, "train.batch_size": 4, "train.checkpoint_every": 2,
-    "train.log_every": 2, "train.tensorboard": False, "data.seq_buckets": "(128,)", "data.num_workers": 1}.items()]
+CONTRACT = (
+  "round0_heldout_accuracy",
+  "heldout_accuracy",
+  "noise_precision",
+  "noise_recall",
+  "seconds",
+)
+OVERRIDES = [
+  f"--config.{k}={v}"
+  for k, v in {
+    "world.n_candidates": 10,
+    "world.n_t2i": 6,
+    "world.n_noisy": 30,
+    "world.n_heldout": 12,
+    "world.flip_fraction": 0.3,
+    "curate.rounds": 1,
+    "curate.score.batch_size": 8,
+    "train.num_epochs": 0,
+    "train.num_steps": 4,
+    "train.batch_size": 4,
+    "train.checkpoint_every": 2,
+    "train.log_every": 2,
+    "train.tensorboard": False,
+    "data.seq_buckets": "(128,)",
+    "data.num_workers": 1,
+  }.items()
+]
 ARGS = ["--size", "small", "--seed", "3"]
 
 
@@ -44,13 +66,22 @@ def demo(tmp_path_factory, compile_cache):
   world, _, reused = ensure_world(wd, cfg)
   assert not reused
   c = json.loads((world / "model" / "config.json").read_text())
-  c["text_config"].update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+  c["text_config"].update(
+    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1
+  )
   c["vision_config"].update(embed_dim=32, hidden_size=32, num_heads=2)
   (world / "model" / "config.json").write_text(json.dumps(c))
 
   def go(out):
-    return run_demo(wd, size="small", seed=3, overrides=OVERRIDES, progress=False, devices=jax.devices()[:1],
-                    out=out)
+    return run_demo(
+      wd,
+      size="small",
+      seed=3,
+      overrides=OVERRIDES,
+      progress=False,
+      devices=jax.devices()[:1],
+      out=out,
+    )
 
   os.environ[loop.FAULT_ENV] = "round_0/judge@3"
   try:
@@ -73,10 +104,14 @@ def test_summary_has_the_contract_keys(demo):
   assert isinstance(on_disk["seconds"], float) and on_disk["seconds"] > 0
   assert 0 < on_disk["compute_seconds"]
   # the interrupted run was resumed, not redone
-  assert "[prepare] done earlier" in "\n".join(lines) and "[base/train] done earlier" in "\n".join(lines)
+  assert "[prepare] done earlier" in "\n".join(lines) and "[base/train] done earlier" in "\n".join(
+    lines
+  )
   assert "[round_0/judge] queued" in "\n".join(lines)
   for t in range(2):
-    assert any(line.startswith(f"[heldout/round_{t}] model ") and line.endswith(" s)") for line in lines)
+    assert any(
+      line.startswith(f"[heldout/round_{t}] model ") and line.endswith(" s)") for line in lines
+    )
 
 
 def test_heldout_accuracies_recomputed_from_the_scores(demo):
@@ -135,15 +170,19 @@ def test_rerun_resumes_and_prints_the_table(demo, capsys):
   for stage in ("prepare", "base/train", "round_0/score", "round_0/train", "round_0/merge"):
     assert f"[{stage}] done earlier" in out
   # the table: one row per training round, the noise figures, the plots
-  for label, key in (("held-out accuracy, round 0", "round0_heldout_accuracy"),
-                     ("held-out accuracy, round 1", "heldout_accuracy"), ("noise precision", "noise_precision"),
-                     ("noise recall", "noise_recall")):
+  for label, key in (
+    ("held-out accuracy, round 0", "round0_heldout_accuracy"),
+    ("held-out accuracy, round 1", "heldout_accuracy"),
+    ("noise precision", "noise_precision"),
+    ("noise recall", "noise_recall"),
+  ):
     assert re.search(rf"^{label} +{summary[key]:.3f}  ", out, re.M), (label, out)
   assert re.search(r"^plots +3  heldout_accuracy.png", out, re.M)
   again = json.loads((wd / "summary.json").read_text())
   assert again["seconds"] < summary["seconds"]
-  assert {k: v for k, v in again.items() if k != "seconds"} == \
-      {k: v for k, v in json.loads(json.dumps(summary)).items() if k != "seconds"}
+  assert {k: v for k, v in again.items() if k != "seconds"} == {
+    k: v for k, v in json.loads(json.dumps(summary)).items() if k != "seconds"
+  }
   assert {p: p.stat().st_mtime_ns for p in (wd / "heldout").iterdir()} == stamp  # nothing rescored
 
 

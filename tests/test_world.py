@@ -13,8 +13,13 @@ from mrm_jax.demo import scenes, simjudge
 from mrm_jax.demo.config import load_demo_config
 from mrm_jax.demo.world import generate_world
 
-SMALL = ["--config.world.size=small", "--config.world.n_candidates=24", "--config.world.n_t2i=12",
-         "--config.world.n_noisy=60", "--config.world.n_heldout=20"]
+SMALL = [
+  "--config.world.size=small",
+  "--config.world.n_candidates=24",
+  "--config.world.n_t2i=12",
+  "--config.world.n_noisy=60",
+  "--config.world.n_heldout=20",
+]
 
 
 def _cfg(seed=0, extra=()):
@@ -33,11 +38,14 @@ def _tree(root: Path) -> dict:
 
 
 def _jsonl(path):
-  return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+  return [
+    json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
+  ]
 
 
 # ---------------------------------------------------------------------------------------------
 # An oracle that reads a scene back from the PNG pixels, knowing only the palette.
+
 
 def read_scene(path) -> dict:
   a = np.asarray(Image.open(path).convert("RGB")).astype(int)
@@ -52,7 +60,7 @@ def read_scene(path) -> dict:
   mask = np.all(a == rgb, axis=-1)
   cells, kinds = [], set()
   for cell in range(4):
-    m = mask[(cell // 2) * 28:(cell // 2) * 28 + 28, (cell % 2) * 28:(cell % 2) * 28 + 28]
+    m = mask[(cell // 2) * 28 : (cell // 2) * 28 + 28, (cell % 2) * 28 : (cell % 2) * 28 + 28]
     if not m.any():
       continue
     cells.append(cell)
@@ -60,8 +68,13 @@ def read_scene(path) -> dict:
     fill = m.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     kinds.add("square" if fill > 0.92 else "circle" if fill > 0.65 else "triangle")
   assert len(kinds) == 1, f"{path}: mixed shapes {kinds}"
-  return {"color": color, "shape": kinds.pop(), "count": len(cells), "background": background[0],
-          "position": scenes.POSITIONS[cells[0]] if len(cells) == 1 else None}
+  return {
+    "color": color,
+    "shape": kinds.pop(),
+    "count": len(cells),
+    "background": background[0],
+    "position": scenes.POSITIONS[cells[0]] if len(cells) == 1 else None,
+  }
 
 
 def _qtype(question: str, facts: dict) -> str:
@@ -77,26 +90,41 @@ def _true_answers(qtype: str, facts: dict) -> set:
 
 # ---------------------------------------------------------------------------------------------
 
+
 def test_answer_templates_hand_checked():
   f = {"color": "red", "shape": "circle", "count": 2, "background": "white", "position": None}
   assert scenes.answer("color", f, "short") == "Answer: red."
   assert scenes.answer("count", f, "sentence") == "There are two shapes in the image."
   assert scenes.answer("shape", f, "short") == "Answer: circles."
   assert scenes.answer("describe", f, "sentence") == (
-      "The image shows two circles on a white background, and they are red.")
+    "The image shows two circles on a white background, and they are red."
+  )
   assert scenes.answer("describe", f, "short") == "Answer: two circles on a white background, red."
   assert scenes.answer("color", f, "verbose", 0) == (
-      "Looking at the image carefully, the shapes stand out clearly against the white background. "
-      "In short, the shapes are red.")
+    "Looking at the image carefully, the shapes stand out clearly against the white background. "
+    "In short, the shapes are red."
+  )
   assert scenes.answer("color", f, "verbose", 4) == (
-      "After examining the picture, the shapes stand out clearly against the white background. "
-      "To answer your question, the shapes are red.")
-  assert scenes.answer("color", f, "markdown") == "**Answer**\n\n- Background: white\n- The shapes are red."
-  one = {"color": "blue", "shape": "triangle", "count": 1, "background": "gray", "position": "top right"}
+    "After examining the picture, the shapes stand out clearly against the white background. "
+    "To answer your question, the shapes are red."
+  )
+  assert (
+    scenes.answer("color", f, "markdown")
+    == "**Answer**\n\n- Background: white\n- The shapes are red."
+  )
+  one = {
+    "color": "blue",
+    "shape": "triangle",
+    "count": 1,
+    "background": "gray",
+    "position": "top right",
+  }
   assert scenes.answer("position", one, "sentence") == "The triangle is in the top right corner."
   assert scenes.answer("shape", one, "short") == "Answer: a triangle."
   assert scenes.answer("describe", one, "markdown") == (
-      "**Answer**\n\n- Background: gray\n- The image shows a triangle on a gray background, and it is blue.")
+    "**Answer**\n\n- Background: gray\n- The image shows a triangle on a gray background, and it "
+    "is blue."
+  )
   assert scenes.question("color", one, 0) == "What color is the shape?"
   assert scenes.caption(one, 1) == "A picture of a blue triangle on a gray background."
   # Every style ends with the words that decide correctness, spelt the same way (one token).
@@ -112,7 +140,13 @@ def test_world_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path, w
   assert [k for k in a if a[k] != b[k]] == []
   generate_world(tmp_path / "other", _cfg(seed=8))
   c = _tree(tmp_path / "other")
-  for name in ("candidates.jsonl", "judgments.jsonl", "noisy_pairs.jsonl", "heldout_pairs.jsonl", "t2i.jsonl"):
+  for name in (
+    "candidates.jsonl",
+    "judgments.jsonl",
+    "noisy_pairs.jsonl",
+    "heldout_pairs.jsonl",
+    "t2i.jsonl",
+  ):
     assert a[name] != c[name], name
   differing_images = sum(a[k] != c.get(k) for k in a if k.startswith("images/"))
   assert differing_images > 0.8 * sum(k.startswith("images/") for k in a)
@@ -131,17 +165,24 @@ def test_pairs_agree_with_the_pixels(world):
       assert (p["chosen"] if flipped else p["rejected"]) not in correct, p
       assert p["question"].startswith("<image>") and p["system"]
       # Same style and wording: the two answers differ only in the hallucinated colour.
-      assert _mask_colours(p["chosen"]) == _mask_colours(p["rejected"]) and p["chosen"] != p["rejected"], p
+      assert (
+        _mask_colours(p["chosen"]) == _mask_colours(p["rejected"]) and p["chosen"] != p["rejected"]
+      ), p
 
 
 def _mask_colours(text: str) -> str:
-  return re.sub("|".join(scenes.COLORS), "<colour>", re.sub("|".join(c.capitalize() for c in scenes.COLORS),
-                                                            "<Colour>", text))
+  return re.sub(
+    "|".join(scenes.COLORS),
+    "<colour>",
+    re.sub("|".join(c.capitalize() for c in scenes.COLORS), "<Colour>", text),
+  )
 
 
 def test_world_truth_agrees_with_the_pixels(world):
   records = _jsonl(world / "world_truth.jsonl")
-  assert len(records) == 2 * 60 + 2 * 20 + sum(len(s["responses"]) for s in _jsonl(world / "candidates.jsonl"))
+  assert len(records) == 2 * 60 + 2 * 20 + sum(
+    len(s["responses"]) for s in _jsonl(world / "candidates.jsonl")
+  )
   for r in records:
     facts = read_scene(world / r["images"][0])
     assert (r["answer"] in _true_answers(_qtype(r["question"], facts), facts)) == r["correct"], r
@@ -149,7 +190,10 @@ def test_world_truth_agrees_with_the_pixels(world):
 
 def test_candidate_sets(world):
   sets = _jsonl(world / "candidates.jsonl")
-  truth = {(r["images"][0], r["question"], r["answer"]): r["correct"] for r in _jsonl(world / "world_truth.jsonl")}
+  truth = {
+    (r["images"][0], r["question"], r["answer"]): r["correct"]
+    for r in _jsonl(world / "world_truth.jsonl")
+  }
   styles_seen, n_answers = set(), []
   for s in sets:
     assert set(s) == {"id", "images", "question", "reference", "responses", "models"}
@@ -165,7 +209,7 @@ def test_candidate_sets(world):
   assert 0.1 < n_answers.count(3) / len(sets) < 0.3
   assert styles_seen == {"terse-vl", "plain-vl", "chatty-vl", "markdown-vl"}
   lengths = [len(r) for s in sets for r in s["responses"]]
-  assert max(lengths) > 5 * min(lengths)   # style variants of very different length
+  assert max(lengths) > 5 * min(lengths)  # style variants of very different length
 
 
 def test_constructed_pairs_contrast_right_and_wrong_in_one_style(tmp_path):
@@ -173,35 +217,63 @@ def test_constructed_pairs_contrast_right_and_wrong_in_one_style(tmp_path):
   from mrm_jax.curate.config import curate_config
 
   out = tmp_path / "w"
-  generate_world(out, _cfg(seed=3, extra=["--config.world.n_candidates=240", "--config.world.n_t2i=1",
-                                         "--config.world.n_noisy=2", "--config.world.n_heldout=2"]))
-  truth = {(r["images"][0], r["question"], r["answer"]): r["correct"] for r in _jsonl(out / "world_truth.jsonl")}
+  generate_world(
+    out,
+    _cfg(
+      seed=3,
+      extra=[
+        "--config.world.n_candidates=240",
+        "--config.world.n_t2i=1",
+        "--config.world.n_noisy=2",
+        "--config.world.n_heldout=2",
+      ],
+    ),
+  )
+  truth = {
+    (r["images"][0], r["question"], r["answer"]): r["correct"]
+    for r in _jsonl(out / "world_truth.jsonl")
+  }
   kinds = {}
   for min_gap in (0.5, curate_config().min_gap):
     pairs, _ = construct_files(out / "candidates.jsonl", out / "judgments.jsonl", min_gap)
-    kinds[min_gap] = [(truth[(p["images"][0], p["question"], p["chosen"])],
-                       truth[(p["images"][0], p["question"], p["rejected"])]) for p in pairs]
-    assert all(_mask_colours(p["chosen"]) == _mask_colours(p["rejected"]) for p in pairs)   # never a style contrast
+    kinds[min_gap] = [
+      (
+        truth[(p["images"][0], p["question"], p["chosen"])],
+        truth[(p["images"][0], p["question"], p["rejected"])],
+      )
+      for p in pairs
+    ]
+    assert all(
+      _mask_colours(p["chosen"]) == _mask_colours(p["rejected"]) for p in pairs
+    )  # never a style contrast
   loose, world_gap = kinds[0.5], kinds[curate_config().min_gap]
-  # Two wrong answers differ only by judge noise and misreads: the world's min_gap drops most of those
-  # pairs and (almost) no right-vs-wrong one.
+  # Two wrong answers differ only by judge noise and misreads: the world's min_gap drops most of
+  # those pairs and (almost) no right-vs-wrong one.
   assert loose.count((False, False)) > 2 * world_gap.count((False, False))
   assert world_gap.count((True, False)) > 0.97 * loose.count((True, False))
-  assert world_gap.count((True, False)) > 0.9 * len(world_gap) and world_gap.count((False, True)) < 0.02 * len(world_gap)
+  assert world_gap.count((True, False)) > 0.9 * len(world_gap) and world_gap.count(
+    (False, True)
+  ) < 0.02 * len(world_gap)
 
 
 def _repair_parse(raw: str) -> list[float]:
   """An independent robust parser: strip wrappers, trailing commas and stray backslashes."""
-  text = raw[raw.index("{"):raw.rindex("}") + 1]
+  text = raw[raw.index("{") : raw.rindex("}") + 1]
   text = re.sub(r",(\s*[}\]])", r"\1", text)
   text = re.sub(r'\\(?![\\"/bfnrtu])', r"\\\\", text)
   obj = json.loads(text)
-  return [float(obj[f"Assistant {k}"]["Overall Score"]) for k in range(1, 1 + sum(k.startswith("Assistant ") for k in obj))]
+  return [
+    float(obj[f"Assistant {k}"]["Overall Score"])
+    for k in range(1, 1 + sum(k.startswith("Assistant ") for k in obj))
+  ]
 
 
 def test_stored_judgments_match_an_independent_parser(world):
   sets = {s["id"]: s for s in _jsonl(world / "candidates.jsonl")}
-  truth = {(r["images"][0], r["question"], r["answer"]): r["correct"] for r in _jsonl(world / "world_truth.jsonl")}
+  truth = {
+    (r["images"][0], r["question"], r["answer"]): r["correct"]
+    for r in _jsonl(world / "world_truth.jsonl")
+  }
   judgments = _jsonl(world / "judgments.jsonl")
   assert len(judgments) == 2 * len(sets)
   malformed_valid = invalid = 0
@@ -227,7 +299,9 @@ def test_stored_judgments_match_an_independent_parser(world):
     except json.JSONDecodeError:
       malformed_valid += 1
     for k, score in enumerate(j["scores"]):
-      by_correct[truth[(s["images"][0], s["question"], s["responses"][j["order"][k]])]].append(score)
+      by_correct[truth[(s["images"][0], s["question"], s["responses"][j["order"][k]])]].append(
+        score
+      )
   assert malformed_valid > 0 and invalid > 0
   # The K orders differ from each other where the set has enough orders (two answers have one).
   assert all(len(set(o)) == len(o) for o in orders.values() if len(o[0]) > 2)
@@ -239,9 +313,9 @@ def test_simulated_judge_has_a_mild_length_bias():
   rng = np.random.default_rng(0)
   long_ = np.mean([simjudge.response_score(rng, True, 35)[2] for _ in range(3000)])
   short = np.mean([simjudge.response_score(rng, True, 2)[2] for _ in range(3000)])
-  assert 1.0 < long_ - short < 1.7   # 0.04 points per word
+  assert 1.0 < long_ - short < 1.7  # 0.04 points per word
   wrong_long = np.mean([simjudge.response_score(rng, False, 35)[2] for _ in range(3000)])
-  assert short - wrong_long > 3.5   # correctness dominates
+  assert short - wrong_long > 3.5  # correctness dominates
 
 
 def test_t2i_pairs_agree_with_the_pixels(world):
@@ -258,8 +332,17 @@ def test_t2i_pairs_agree_with_the_pixels(world):
 @pytest.mark.parametrize("fraction", [0.2, 0.35])
 def test_label_noise_fraction_is_as_configured(tmp_path, fraction):
   out = tmp_path / "w"
-  generate_world(out, _cfg(seed=1, extra=[f"--config.world.flip_fraction={fraction}",
-                                         "--config.world.n_candidates=3", "--config.world.n_t2i=1"]))
+  generate_world(
+    out,
+    _cfg(
+      seed=1,
+      extra=[
+        f"--config.world.flip_fraction={fraction}",
+        "--config.world.n_candidates=3",
+        "--config.world.n_t2i=1",
+      ],
+    ),
+  )
   truth = json.loads((out / "noisy_truth.json").read_text())
   pairs = _jsonl(out / "noisy_pairs.jsonl")
   flipped = {p["id"] for p in pairs if p["chosen"] != truth["correct_answer"][p["id"]]}
@@ -272,6 +355,7 @@ def test_label_noise_fraction_is_as_configured(tmp_path, fraction):
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and model directory
+
 
 def _texts(world):
   texts = []
@@ -294,12 +378,21 @@ def test_tokenizer_round_trips_and_matches_transformers(world):
   for text in texts:
     ids = raw.encode(text).ids
     assert raw.decode(ids) == text
-    assert hf(text)["input_ids"] == ids      # transformers rebuilds Qwen2's pipeline: must agree
+    assert hf(text)["input_ids"] == ids  # transformers rebuilds Qwen2's pipeline: must agree
     assert hf.decode(ids) == text
     lengths.append(len(ids))
-  assert np.mean(lengths) < 0.35 * np.mean([len(t.encode()) for t in texts])   # BPE really compresses
-  for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"):
+  assert np.mean(lengths) < 0.35 * np.mean(
+    [len(t.encode()) for t in texts]
+  )  # BPE really compresses
+  for token in (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+  ):
     assert raw.encode(token).ids == [raw.token_to_id(token)]
     assert raw.token_to_id(token) >= raw.get_vocab_size() - 14
 
@@ -309,19 +402,29 @@ def test_chat_template_renders_the_reward_model_turns(world):
 
   hf = AutoTokenizer.from_pretrained(str(world / "model"))
   messages = [
-      {"role": "system", "content": "SYS"},
-      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]},
-      {"role": "assistant", "content": "Red."},
+    {"role": "system", "content": "SYS"},
+    {
+      "role": "user",
+      "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}],
+    },
+    {"role": "assistant", "content": "Red."},
   ]
   text = hf.apply_chat_template(messages, tokenize=False)
-  assert text == ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-                  "What color is the shape?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n")
+  assert text == (
+    "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+    "What color is the shape?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
+  )
   ids = hf.apply_chat_template(messages, tokenize=True)
   ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-  assert hf.convert_ids_to_tokens(ids[-2:]) == ["<|im_end|>", "Ċ"]   # the reward head reads this newline
+  assert hf.convert_ids_to_tokens(ids[-2:]) == [
+    "<|im_end|>",
+    "Ċ",
+  ]  # the reward head reads this newline
   # Without a system message the template adds Qwen's default one.
   default = hf.apply_chat_template(messages[1:], tokenize=False)
-  assert default.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+  assert default.startswith(
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+  )
 
 
 def test_model_dir_loads_like_a_qwen2_vl_checkpoint(world, tmp_path):
@@ -332,8 +435,12 @@ def test_model_dir_loads_like_a_qwen2_vl_checkpoint(world, tmp_path):
   tok = AutoTokenizer.from_pretrained(str(model))
   assert cfg.model_type == "qwen2_vl"
   assert cfg.text_config.vocab_size >= len(tok) and cfg.text_config.vocab_size % 64 == 0
-  for attr, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                      ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+  for attr, token in (
+    ("image_token_id", "<|image_pad|>"),
+    ("video_token_id", "<|video_pad|>"),
+    ("vision_start_token_id", "<|vision_start|>"),
+    ("vision_end_token_id", "<|vision_end|>"),
+  ):
     assert getattr(cfg, attr) == tok.convert_tokens_to_ids(token)
   assert cfg.vision_config.hidden_size == cfg.text_config.hidden_size
   head_dim = cfg.text_config.hidden_size // cfg.text_config.num_attention_heads
@@ -346,5 +453,5 @@ def test_model_dir_loads_like_a_qwen2_vl_checkpoint(world, tmp_path):
   assert ours == theirs
   proc = AutoImageProcessor.from_pretrained(str(model))
   out = proc(images=[Image.open(world / "images" / "heldout-00000.png")], return_tensors="np")
-  assert out["image_grid_thw"].tolist() == [[1, 4, 4]]   # 56×56 kept: 16 patches, 4 image tokens
+  assert out["image_grid_thw"].tolist() == [[1, 4, 4]]  # 56×56 kept: 16 patches, 4 image tokens
   assert out["pixel_values"].shape == (16, 3 * 2 * 14 * 14)

@@ -8,8 +8,12 @@ from mrm_jax.curate.config import curate_config
 from mrm_jax.demo.world import world_config
 
 
-def load_demo_config(spec: str = "demo", overrides: list[str] | None = None, seed: int | None = None,
-                     size: str | None = None):
+def load_demo_config(
+  spec: str = "demo",
+  overrides: list[str] | None = None,
+  seed: int | None = None,
+  size: str | None = None,
+):
   """The demo config: the config file, a `world` and a `curate` section if it has none, flags, then
   overrides."""
   cfg = load_config_file(spec)

@@ -16,8 +16,8 @@ leaves them empty. Otherwise the inputs are the files the `curate` section names
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -46,8 +46,9 @@ InjectedFault = faults.InjectedFault
 WORLD_FILES = ("candidates.jsonl", "judgments.jsonl", "t2i.jsonl")  # what `prepare` reads
 
 
-def run_curation(cfg, workdir, *, progress: bool = True, devices=None,
-                 out: Callable[[str], None] = print) -> dict:
+def run_curation(
+  cfg, workdir, *, progress: bool = True, devices=None, out: Callable[[str], None] = print
+) -> dict:
   """Runs (or resumes) the curation `cfg` describes in `workdir`; returns the report (also
   WORKDIR/report.json, see mrm_jax/curate/loop.py). `out` receives the progress lines."""
   check_curate_config(cfg)
@@ -59,8 +60,7 @@ def run_curation(cfg, workdir, *, progress: bool = True, devices=None,
   else:
     inputs = inputs_from_config(cfg)
   judge = curation_judge(cfg, inputs, world, progress=progress)
-  return loop.run_curation(cfg, workdir, inputs, judge, progress=progress, devices=devices,
-                           out=out)
+  return loop.run_curation(cfg, workdir, inputs, judge, progress=progress, devices=devices, out=out)
 
 
 def resolve_world(cfg, workdir: Path, runner: StageRunner) -> Path | None:
@@ -81,13 +81,25 @@ def resolve_world(cfg, workdir: Path, runner: StageRunner) -> Path | None:
 
 def prepare_stage(cc, world: Path, workdir: Path, runner: StageRunner) -> list[Path]:
   """WORKDIR/prepare: the world's debiased and T2I pairs (the base training data)."""
+
   def body(d: Path) -> StageResult:
-    made = write_world_pairs(world, d, float(cc.min_gap), int(cc.t2i_seed),
-                             after_debiased=lambda: runner.faults.tick("prepare"))
+    made = write_world_pairs(
+      world,
+      d,
+      float(cc.min_gap),
+      int(cc.t2i_seed),
+      after_debiased=lambda: runner.faults.tick("prepare"),
+    )
     return StageResult(made.files, made.counts, {"construct": made.construct})
+
   prep = workdir / "prepare"
-  man = runner.run(prep, "prepare", {n: file_sha256(world / n) for n in WORLD_FILES},
-                   {"min_gap": float(cc.min_gap), "t2i_seed": int(cc.t2i_seed)}, body)
+  man = runner.run(
+    prep,
+    "prepare",
+    {n: file_sha256(world / n) for n in WORLD_FILES},
+    {"min_gap": float(cc.min_gap), "t2i_seed": int(cc.t2i_seed)},
+    body,
+  )
   return [prep / man["outputs"][name]["path"] for name in ("debiased", "t2i")]
 
 
@@ -97,23 +109,24 @@ def world_inputs(cfg, world: Path, base_train: list[Path]) -> CurationInputs:
   held = world / "heldout_pairs.jsonl"
   has_heldout = held.is_file() and held.stat().st_size > 0
   return CurationInputs(
-      noisy=Path(cc.noisy).resolve() if cc.noisy else world / "noisy_pairs.jsonl",
-      base_train=tuple(base_train),
-      image_root=Path(cc.image_root or cfg.data.image_root or world).resolve(),
-      model=cfg.model.path or str(world / "model"),
-      eval=cfg.data.eval or (str(held) if has_heldout else ""),
-      truth=cc.truth or str(world / "noisy_truth.json"))
+    noisy=Path(cc.noisy).resolve() if cc.noisy else world / "noisy_pairs.jsonl",
+    base_train=tuple(base_train),
+    image_root=Path(cc.image_root or cfg.data.image_root or world).resolve(),
+    model=cfg.model.path or str(world / "model"),
+    eval=cfg.data.eval or (str(held) if has_heldout else ""),
+    truth=cc.truth or str(world / "noisy_truth.json"),
+  )
 
 
-def curation_judge(cfg, inputs: CurationInputs, world: Path | None, *,
-                   progress: bool) -> PairJudge:
+def curation_judge(cfg, inputs: CurationInputs, world: Path | None, *, progress: bool) -> PairJudge:
   jc = cfg.curate.judge
   if jc.kind != "simulated":
     return judge_from_config(jc, inputs.image_root, progress=progress)
   truth = jc.truth or (str(world / "world_truth.jsonl") if world is not None else "")
   if not truth:
-    raise UserError("curate.judge.kind 'simulated' needs curate.judge.truth (the world's "
-                    "world_truth.jsonl)")
+    raise UserError(
+      "curate.judge.kind 'simulated' needs curate.judge.truth (the world's world_truth.jsonl)"
+    )
   return SimulatedPairJudge(jc, Path(truth), inputs.image_root, progress=progress)
 
 
@@ -127,8 +140,10 @@ class SimulatedPairJudge:
     self.jc, self.truth, self.image_root, self.progress = jc, truth, image_root, progress
 
   def fingerprint(self, round_index: int) -> tuple[dict, dict]:
-    return ({"truth": file_sha256(self.truth)},
-            {**common_settings(self.jc), "max_retries": int(self.jc.max_retries)})
+    return (
+      {"truth": file_sha256(self.truth)},
+      {**common_settings(self.jc), "max_retries": int(self.jc.max_retries)},
+    )
 
   def judge(self, queue: Path, out: Path, round_index: int, tick: Callable[[], None]) -> None:
     jobs = plan_pairwise(queue, self.image_root, int(self.jc.repeats), int(self.jc.seed))
@@ -136,8 +151,9 @@ class SimulatedPairJudge:
     truth = answer_truth(self.truth)
     with AppendLog(out) as log:
       todo = missing_jobs(jobs, log.records, "pairwise")
-      for job in tqdm(todo, desc="judge (simulated)", unit="job", disable=not self.progress,
-                      leave=False):
+      for job in tqdm(
+        todo, desc="judge (simulated)", unit="job", disable=not self.progress, leave=False
+      ):
         log.append(self.judgment(job, _correct(job, pairs[job.item.id], truth)))
         tick()
 
@@ -145,8 +161,16 @@ class SimulatedPairJudge:
     """One judgment record: the simulated judge's raw output, retried while it does not parse."""
     responses = job.item.responses
     right = next((a for a, c in zip(responses, correct) if c), responses[0])
-    shown = [{"correct": correct[i], "words": len(responses[i].split()), "partly": False,
-              "claim": responses[i], "truth": right} for i in job.order]
+    shown = [
+      {
+        "correct": correct[i],
+        "words": len(responses[i].split()),
+        "partly": False,
+        "claim": responses[i],
+        "truth": right,
+      }
+      for i in job.order
+    ]
     reference = {"correct": True, "claim": right, "truth": right}
     raw, scores, error = "", None, None
     for attempt in range(int(self.jc.max_retries) + 1):
@@ -157,8 +181,15 @@ class SimulatedPairJudge:
         scores, error = parsed.scores, None
         break
       error = f"unusable answer: {parsed.error} (after {attempt + 1} attempt{'s' * (attempt > 0)})"
-    return {"id": job.item.id, "mode": "pairwise", "order": list(job.order), "raw": raw,
-            "scores": scores, "error": error, "judge": simjudge.JUDGE_NAME}
+    return {
+      "id": job.item.id,
+      "mode": "pairwise",
+      "order": list(job.order),
+      "raw": raw,
+      "scores": scores,
+      "error": error,
+      "judge": simjudge.JUDGE_NAME,
+    }
 
 
 def _correct(job: Job, pair: dict, truth: dict) -> list[bool]:
@@ -167,8 +198,10 @@ def _correct(job: Job, pair: dict, truth: dict) -> list[bool]:
   for answer in job.item.responses:
     key = score_key(pair.get("images"), pair["question"], answer)
     if key not in truth:
-      raise UserError(f"simulated judge: no ground truth for an answer of pair {job.item.id!r} "
-                      "(curate.judge.truth must cover the noisy pairs)")
+      raise UserError(
+        f"simulated judge: no ground truth for an answer of pair {job.item.id!r} "
+        "(curate.judge.truth must cover the noisy pairs)"
+      )
     correct.append(truth[key])
   return correct
 

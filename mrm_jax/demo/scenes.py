@@ -27,23 +27,23 @@ CELL = IMAGE_SIZE // 2
 # beside blue (the first palette) those pairs were the last the tiny model told apart, or never.
 # Corners that differ in one channel are still the hardest pairs (see world.py, "Learnability").
 COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 50, 230),
-    "yellow": (240, 220, 30),
-    "purple": (200, 40, 210),
-    "cyan": (20, 210, 210),
+  "red": (220, 30, 30),
+  "green": (30, 170, 40),
+  "blue": (30, 50, 230),
+  "yellow": (240, 220, 30),
+  "purple": (200, 40, 210),
+  "cyan": (20, 210, 210),
 }
 BACKGROUNDS = {
-    "white": (245, 245, 245),
-    "gray": (128, 128, 128),
-    "black": (20, 20, 20),
-    "beige": (225, 210, 170),
+  "white": (245, 245, 245),
+  "gray": (128, 128, 128),
+  "black": (20, 20, 20),
+  "beige": (225, 210, 170),
 }
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cell index 0..3, row-major
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-STYLES = ("short", "sentence", "markdown", "verbose")   # shortest to longest
+STYLES = ("short", "sentence", "markdown", "verbose")  # shortest to longest
 QUESTION_TYPES = ("color", "count", "shape", "position", "describe")
 
 
@@ -51,25 +51,37 @@ QUESTION_TYPES = ("color", "count", "shape", "position", "describe")
 class Scene:
   color: str
   shape: str
-  cells: tuple[int, ...]                          # filled cells, ascending
+  cells: tuple[int, ...]  # filled cells, ascending
   background: str
-  jitter: tuple[tuple[int, int, int], ...] = ()   # per filled cell: (dx, dy, dsize) in pixels
+  jitter: tuple[tuple[int, int, int], ...] = ()  # per filled cell: (dx, dy, dsize) in pixels
 
   @property
   def count(self) -> int:
     return len(self.cells)
 
   def facts(self) -> dict:
-    return {"color": self.color, "shape": self.shape, "count": self.count, "background": self.background,
-            "position": POSITIONS[self.cells[0]] if self.count == 1 else None}
+    return {
+      "color": self.color,
+      "shape": self.shape,
+      "count": self.count,
+      "background": self.background,
+      "position": POSITIONS[self.cells[0]] if self.count == 1 else None,
+    }
 
 
 def random_scene(rng: np.random.Generator, count: int | None = None) -> Scene:
   count = int(rng.integers(1, 5)) if count is None else count
   cells = tuple(sorted(int(c) for c in rng.choice(4, size=count, replace=False)))
-  jitter = tuple((int(rng.integers(-2, 3)), int(rng.integers(-2, 3)), int(rng.integers(-1, 2))) for _ in cells)
-  return Scene(color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)), cells=cells,
-               background=str(rng.choice(list(BACKGROUNDS))), jitter=jitter)
+  jitter = tuple(
+    (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)), int(rng.integers(-1, 2))) for _ in cells
+  )
+  return Scene(
+    color=str(rng.choice(list(COLORS))),
+    shape=str(rng.choice(SHAPES)),
+    cells=cells,
+    background=str(rng.choice(list(BACKGROUNDS))),
+    jitter=jitter,
+  )
 
 
 def alter(scene: Scene, attribute: str, rng: np.random.Generator) -> Scene:
@@ -105,7 +117,9 @@ def render_png(scene: Scene) -> bytes:
     elif scene.shape == "square":
       draw.rectangle(box, fill=fill)
     else:
-      draw.polygon([(cx, cy - half), (cx + half - 1, cy + half - 1), (cx - half, cy + half - 1)], fill=fill)
+      draw.polygon(
+        [(cx, cy - half), (cx + half - 1, cy + half - 1), (cx - half, cy + half - 1)], fill=fill
+      )
   buf = io.BytesIO()
   img.save(buf, format="PNG", optimize=False, compress_level=6)
   return buf.getvalue()
@@ -116,14 +130,19 @@ def render_png(scene: Scene) -> bytes:
 # integers so the tokenizer corpus can enumerate every realisation.
 
 QUESTION_TEMPLATES = {
-    "color": ("What color {be} the {thing}?", "Which color {do} the {thing} in the image have?"),
-    "count": ("How many shapes are in the image?", "How many shapes can you see?"),
-    "shape": ("Which shape appears in the image?", "What kind of {thing} {be} shown?"),
-    "position": ("Where is the shape located?", "In which part of the image is the shape?"),
-    "describe": ("Describe the image.", "What does this image show?"),
+  "color": ("What color {be} the {thing}?", "Which color {do} the {thing} in the image have?"),
+  "count": ("How many shapes are in the image?", "How many shapes can you see?"),
+  "shape": ("Which shape appears in the image?", "What kind of {thing} {be} shown?"),
+  "position": ("Where is the shape located?", "In which part of the image is the shape?"),
+  "describe": ("Describe the image.", "What does this image show?"),
 }
-OPENERS = ("Looking at the image carefully,", "After examining the picture,", "Based on what I can see in the image,")
+OPENERS = (
+  "Looking at the image carefully,",
+  "After examining the picture,",
+  "Based on what I can see in the image,",
+)
 LEADS = ("In short,", "To answer your question,", "So, as far as I can tell,")
+
 
 def _plural(shape: str, count: int) -> str:
   return shape if count == 1 else shape + "s"
@@ -132,7 +151,9 @@ def _plural(shape: str, count: int) -> str:
 def question(qtype: str, facts: dict, variant: int) -> str:
   many = facts["count"] > 1
   text = QUESTION_TEMPLATES[qtype][variant % len(QUESTION_TEMPLATES[qtype])]
-  return text.format(be="are" if many else "is", do="do" if many else "does", thing="shapes" if many else "shape")
+  return text.format(
+    be="are" if many else "is", do="do" if many else "does", thing="shapes" if many else "shape"
+  )
 
 
 def noun_phrase(facts: dict) -> str:
@@ -143,8 +164,10 @@ def noun_phrase(facts: dict) -> str:
 def caption(facts: dict, variant: int) -> str:
   """A text-to-image prompt for the scene."""
   np_ = noun_phrase(facts)
-  return (f"{np_[0].upper()}{np_[1:]} on a {facts['background']} background.",
-          f"A picture of {np_} on a {facts['background']} background.")[variant % 2]
+  return (
+    f"{np_[0].upper()}{np_[1:]} on a {facts['background']} background.",
+    f"A picture of {np_} on a {facts['background']} background.",
+  )[variant % 2]
 
 
 def _counted(f: dict) -> str:
@@ -177,7 +200,10 @@ def _sentence(qtype: str, f: dict) -> str:
     return f"The {thing} {be} {core_answer('shape', f)}."
   if qtype == "position":
     return f"The {f['shape']} is in the {f['position']} corner."
-  return f"The image shows {_counted(f)} on a {f['background']} background, and {'they are' if many else 'it is'} {f['color']}."
+  verb = "they are" if many else "it is"
+  return (
+    f"The image shows {_counted(f)} on a {f['background']} background, and {verb} {f['color']}."
+  )
 
 
 def answer(qtype: str, facts: dict, style: str, variant: int = 0) -> str:
@@ -188,7 +214,9 @@ def answer(qtype: str, facts: dict, style: str, variant: int = 0) -> str:
   two-layer model learns far faster than finding them anywhere in a long answer.
   """
   core, sentence = core_answer(qtype, facts), _sentence(qtype, facts)
-  if style == "short":   # "Answer: red." keeps the deciding word the same token as in every other style
+  if (
+    style == "short"
+  ):  # "Answer: red." keeps the deciding word the same token as in every other style
     return f"Answer: {core}."
   if style == "sentence":
     return sentence
@@ -196,8 +224,10 @@ def answer(qtype: str, facts: dict, style: str, variant: int = 0) -> str:
     opener = OPENERS[variant % len(OPENERS)]
     lead = LEADS[(variant // len(OPENERS)) % len(LEADS)]
     thing = "the shapes stand" if facts["count"] > 1 else "the shape stands"
-    return (f"{opener} {thing} out clearly against the {facts['background']} background. "
-            f"{lead} {sentence[0].lower()}{sentence[1:]}")
+    return (
+      f"{opener} {thing} out clearly against the {facts['background']} background. "
+      f"{lead} {sentence[0].lower()}{sentence[1:]}"
+    )
   if style == "markdown":
     return f"**Answer**\n\n- Background: {facts['background']}\n- {sentence}"
   raise ValueError(f"unknown style {style!r}")

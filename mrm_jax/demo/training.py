@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mrm_jax.construct.pairs import construct_files
 from mrm_jax.construct.t2i import read_generic, reformulate
@@ -33,28 +33,40 @@ def wants_embedded_world(cfg, init_from: str | None = None) -> bool:
   when none is named either)."""
   if cfg.data.train:
     return False
-  if not (init_from or cfg.model.path) and (cfg.model.family, cfg.model.preset) != ("qwen2_vl", "tiny"):
+  if not (init_from or cfg.model.path) and (cfg.model.family, cfg.model.preset) != (
+    "qwen2_vl",
+    "tiny",
+  ):
     raise UserError(
-        "data.train is empty and so is model.path: set data.train (pair files) and model.path (an HF "
-        "directory with the tokenizer); only the tiny Qwen2-VL of configs/demo.py trains on the embedded "
-        f"world without them (this config asks for {cfg.model.family} preset '{cfg.model.preset}')")
+      "data.train is empty and so is model.path: set data.train (pair files) and model.path (an HF "
+      "directory with the tokenizer); only the tiny Qwen2-VL of configs/demo.py trains on the "
+      "embedded "
+      f"world without them (this config asks for {cfg.model.family} preset '{cfg.model.preset}')"
+    )
   return True
 
 
 @dataclasses.dataclass(frozen=True)
 class WorldPairs:
-  files: dict[str, Path]   # "debiased", "t2i": the pair files
-  counts: dict[str, int]   # pairs per file
-  construct: dict          # the construction report (`construct --report`)
+  files: dict[str, Path]  # "debiased", "t2i": the pair files
+  counts: dict[str, int]  # pairs per file
+  construct: dict  # the construction report (`construct --report`)
 
 
-def write_world_pairs(world: Path, out_dir: Path, min_gap: float, t2i_seed: int, *,
-                      after_debiased: Callable[[], None] = lambda: None) -> WorldPairs:
+def write_world_pairs(
+  world: Path,
+  out_dir: Path,
+  min_gap: float,
+  t2i_seed: int,
+  *,
+  after_debiased: Callable[[], None] = lambda: None,
+) -> WorldPairs:
   """The world's debiased pairs (`construct` on its stored judge outputs) and T2I pairs (`t2i`)
   in OUT_DIR, as the curation's `prepare` stage builds them. `after_debiased` runs between the
   two (the fault hook)."""
-  pairs, stats = construct_files(world / "candidates.jsonl", world / "judgments.jsonl",
-                                 float(min_gap))
+  pairs, stats = construct_files(
+    world / "candidates.jsonl", world / "judgments.jsonl", float(min_gap)
+  )
   files = {"debiased": out_dir / "debiased.jsonl", "t2i": out_dir / "t2i.jsonl"}
   counts = {"debiased": write_jsonl(files["debiased"], pairs)}
   after_debiased()
@@ -75,9 +87,13 @@ def use_embedded_world(cfg, workdir, *, primary: bool = True):
   if primary:
     world, stats, reused = ensure_world(workdir, cfg)
     files = write_world_pairs(world, pair_dir, curate.min_gap, curate.t2i_seed).files
-    log.info("data.train is empty: training on the embedded world (%s, seed %d, size %s): %s",
-             "reused" if reused else "generated", stats["seed"], cfg.world.size,
-             ", ".join(str(f) for f in files.values()))
+    log.info(
+      "data.train is empty: training on the embedded world (%s, seed %d, size %s): %s",
+      "reused" if reused else "generated",
+      stats["seed"],
+      cfg.world.size,
+      ", ".join(str(f) for f in files.values()),
+    )
   cfg.model.path = cfg.model.path or str(world / "model")
   cfg.data.train = ",".join(str(pair_dir / f"{name}.jsonl") for name in ("debiased", "t2i"))
   cfg.data.eval = cfg.data.eval or str(world / "heldout_pairs.jsonl")

@@ -10,10 +10,11 @@ the default image root of every file in it):
   t2i.jsonl             T2I preferences {"id","caption","chosen_image","rejected_image"}
   noisy_pairs.jsonl     an "open-source" canonical pair set with a known fraction of flipped labels
   noisy_truth.json      the ground truth kept aside: flipped ids and each pair's correct answer
-  heldout_pairs.jsonl   held-out canonical pairs (the `pairs` benchmark: `evaluate --benchmark pairs`)
-  world_truth.jsonl     ground truth for every (image, question, answer) in the world, for simulated judges
-  model/                HF-style Qwen2-VL directory: config.json, tokenizer.json, tokenizer_config.json
-                        (with the chat template), preprocessor_config.json; no weights (random init)
+  heldout_pairs.jsonl   held-out canonical pairs (the `pairs` benchmark of `mrm-jax evaluate`)
+  world_truth.jsonl     ground truth for every (image, question, answer), for simulated judges
+  model/                HF-style Qwen2-VL directory: config.json, tokenizer.json,
+                        tokenizer_config.json (with the chat template), preprocessor_config.json;
+                        no weights (random init)
   world.json            the configuration, seed and statistics
 
 Every random choice draws from a stream named after its part (`_rng(seed, "noisy")`), so
@@ -36,8 +37,9 @@ the world (measured with configs/demo.py; see tests/test_demo_learns.py):
 - Six colours at the corners of the RGB cube (scenes.COLORS). The pairs learnt last are mostly
   corners that differ in one channel: a demo run trained 300 steps per round took cyan for green or
   blue; a five-colour palette without cyan instead left red/purple and green/yellow wrong (round-0
-  held-out 0.905), so which nearby pair stays hard depends on the draw. Training long enough is what
-  closes them (configs/curate_demo.py counts epochs; the runs measured then leave at most two errors).
+  held-out 0.905), so which nearby pair stays hard depends on the draw. Training long enough is
+  what closes them (configs/curate_demo.py counts epochs; the runs measured then leave at most two
+  errors).
 - T2I pairs are few (two-image sequences are the longest) and differ in colour only, which the
   caption names.
 """
@@ -69,26 +71,31 @@ STYLE_WEIGHTS = {"short": 0.3, "sentence": 0.3, "verbose": 0.2, "markdown": 0.2}
 # Share of candidate sets with two hallucinated answers (the others have one).
 THREE_ANSWER_SETS = 0.2
 # Generator names per answer style: the "models" field of candidate sets.
-STYLE_MODELS = {"short": "terse-vl", "sentence": "plain-vl", "verbose": "chatty-vl", "markdown": "markdown-vl"}
-REFERENCE_WRONG_P = 0.1   # the judge is told the reference may be wrong; sometimes it is
+STYLE_MODELS = {
+  "short": "terse-vl",
+  "sentence": "plain-vl",
+  "verbose": "chatty-vl",
+  "markdown": "markdown-vl",
+}
+REFERENCE_WRONG_P = 0.1  # the judge is told the reference may be wrong; sometimes it is
 
 SIZES = {
-    # candidate sets, T2I pairs, noisy pairs, held-out pairs
-    "small": (40, 10, 100, 40),
-    "full": (1000, 60, 1000, 400),
+  # candidate sets, T2I pairs, noisy pairs, held-out pairs
+  "small": (40, 10, 100, 40),
+  "full": (1000, 60, 1000, 400),
 }
 
 
 def world_config(size: str = "full") -> ml_collections.ConfigDict:
   """The `world` section of the demo config (counts of -1 take the size's default)."""
   c = ml_collections.ConfigDict()
-  c.size = size                 # small | full
+  c.size = size  # small | full
   c.n_candidates = -1
   c.n_t2i = -1
   c.n_noisy = -1
   c.n_heldout = -1
-  c.flip_fraction = 0.2         # share of noisy pairs whose labels are flipped
-  c.judge_repeats = 2           # listwise judgments per candidate set (K)
+  c.flip_fraction = 0.2  # share of noisy pairs whose labels are flipped
+  c.judge_repeats = 2  # listwise judgments per candidate set (K)
   return c
 
 
@@ -138,8 +145,11 @@ def _scene_for(rng: np.random.Generator, qtype: str) -> scenes.Scene:
   return scenes.random_scene(rng, count=1 if qtype == "position" else None)
 
 
-def _wrong(rng: np.random.Generator, qtype: str, facts: dict, avoid: tuple[str, ...] = ()) -> tuple[dict, str]:
-  """Facts with one hallucinated attribute; `avoid` lists colours already used by other wrong answers."""
+def _wrong(
+  rng: np.random.Generator, qtype: str, facts: dict, avoid: tuple[str, ...] = ()
+) -> tuple[dict, str]:
+  """Facts with one hallucinated attribute; `avoid` lists colours already used by other wrong
+  answers."""
   attribute = str(rng.choice(ERROR_ATTRIBUTES[qtype]))
   while True:
     wrong = scenes.wrong_facts(facts, attribute, rng)
@@ -176,8 +186,9 @@ def _asked(rng: np.random.Generator, images: _Images, name: str) -> tuple[str, d
   return qtype, facts, img, IMAGE_PLACEHOLDER + scenes.question(qtype, facts, int(rng.integers(2)))
 
 
-def _pair_set(rng: np.random.Generator, images: _Images, prefix: str, n: int, truth: list[dict],
-              source: str) -> list[dict]:
+def _pair_set(
+  rng: np.random.Generator, images: _Images, prefix: str, n: int, truth: list[dict], source: str
+) -> list[dict]:
   """n canonical pairs: chosen a correct answer, rejected a hallucinated one in the same style and
   wording, so the pair differs only in what the image decides."""
   pairs = []
@@ -188,9 +199,18 @@ def _pair_set(rng: np.random.Generator, images: _Images, prefix: str, n: int, tr
     chosen = scenes.answer(qtype, facts, style, variant)
     rejected = scenes.answer(qtype, _wrong(rng, qtype, facts)[0], style, variant)
     truth += [_truth_record([img], q, chosen, True), _truth_record([img], q, rejected, False)]
-    pairs.append({"id": pid, "images": [img], "system": REWARD_SYSTEM_PROMPT, "question": q,
-                  "chosen": chosen, "rejected": rejected, "source": source,
-                  "meta": {"type": qtype, "style": style}})
+    pairs.append(
+      {
+        "id": pid,
+        "images": [img],
+        "system": REWARD_SYSTEM_PROMPT,
+        "question": q,
+        "chosen": chosen,
+        "rejected": rejected,
+        "source": source,
+        "meta": {"type": qtype, "style": style},
+      }
+    )
   return pairs
 
 
@@ -208,7 +228,7 @@ def _candidates(rng: np.random.Generator, images: _Images, n: int, repeats: int,
     styles = _styles(rng, 1)
     n_wrong = 2 if rng.random() < THREE_ANSWER_SETS else 1
     slots = [(styles[0], True)] + [(styles[0], False)] * n_wrong
-    variants = {style: int(rng.integers(9)) for style in styles}   # one wording per style
+    variants = {style: int(rng.integers(9)) for style in styles}  # one wording per style
     responses, info, used_colours = [], [], ()
     for style, correct in slots:
       f = facts
@@ -217,9 +237,16 @@ def _candidates(rng: np.random.Generator, images: _Images, n: int, repeats: int,
         used_colours += (f["color"],)
       text = scenes.answer(qtype, f, style, variants[style])
       responses.append(text)
-      info.append({"correct": correct, "words": _words(text), "style": style,
-                   "partly": qtype == "describe" and not correct, "claim": _claim(qtype, f),
-                   "truth": _claim(qtype, facts)})
+      info.append(
+        {
+          "correct": correct,
+          "words": _words(text),
+          "style": style,
+          "partly": qtype == "describe" and not correct,
+          "claim": _claim(qtype, f),
+          "truth": _claim(qtype, facts),
+        }
+      )
     n_resp = len(responses)
     perm = [int(k) for k in rng.permutation(n_resp)]
     responses = [responses[k] for k in perm]
@@ -227,22 +254,47 @@ def _candidates(rng: np.random.Generator, images: _Images, n: int, repeats: int,
     ref_wrong = rng.random() < REFERENCE_WRONG_P
     ref_facts = _wrong(rng, qtype, facts)[0] if ref_wrong else facts
     reference = scenes.answer(qtype, ref_facts, "sentence")
-    sets.append({"id": cid, "images": [img], "question": q, "reference": reference, "responses": responses,
-                 "models": [STYLE_MODELS[x["style"]] for x in info]})
+    sets.append(
+      {
+        "id": cid,
+        "images": [img],
+        "question": q,
+        "reference": reference,
+        "responses": responses,
+        "models": [STYLE_MODELS[x["style"]] for x in info],
+      }
+    )
     truth += [_truth_record([img], q, r, x["correct"]) for r, x in zip(responses, info)]
-    ref_info = {"correct": not ref_wrong, "claim": _claim(qtype, ref_facts), "truth": _claim(qtype, facts)}
+    ref_info = {
+      "correct": not ref_wrong,
+      "claim": _claim(qtype, ref_facts),
+      "truth": _claim(qtype, facts),
+    }
     used = {tuple(range(n_resp))}
     for _ in range(repeats):
-      while True:   # a random order differing from the stored one (and from earlier repeats when possible)
+      while (
+        True
+      ):  # a random order differing from the stored one (and from earlier repeats when possible)
         order = tuple(int(k) for k in rng.permutation(n_resp))
-        if order not in used or (len(used) == math.factorial(n_resp) and order != tuple(range(n_resp))):
+        if order not in used or (
+          len(used) == math.factorial(n_resp) and order != tuple(range(n_resp))
+        ):
           break
       used.add(order)
       kind = simjudge.pick_kind(rng)
       kinds[kind] += 1
       raw, scores, error = simjudge.listwise_output(rng, [info[k] for k in order], ref_info, kind)
-      judgments.append({"id": cid, "mode": "listwise", "order": list(order), "raw": raw, "scores": scores,
-                        "error": error, "judge": simjudge.JUDGE_NAME})
+      judgments.append(
+        {
+          "id": cid,
+          "mode": "listwise",
+          "order": list(order),
+          "raw": raw,
+          "scores": scores,
+          "error": error,
+          "judge": simjudge.JUDGE_NAME,
+        }
+      )
   return sets, judgments, kinds
 
 
@@ -250,36 +302,54 @@ def _t2i(rng: np.random.Generator, images: _Images, n: int) -> list[dict]:
   records = []
   for i in range(n):
     scene = scenes.random_scene(rng)
-    other = scenes.alter(scene, "color", rng)   # the caption names the colour: the learnable difference
+    other = scenes.alter(
+      scene, "color", rng
+    )  # the caption names the colour: the learnable difference
     tid = f"t2i-{i:05d}"
     # File names do not say which image is preferred.
     a, b = (scene, other) if rng.random() < 0.5 else (other, scene)
     pa, pb = images.write(f"{tid}-a", a), images.write(f"{tid}-b", b)
     good, bad = (pa, pb) if a is scene else (pb, pa)
-    records.append({"id": tid, "caption": scenes.caption(scene.facts(), int(rng.integers(2))),
-                    "chosen_image": good, "rejected_image": bad})
+    records.append(
+      {
+        "id": tid,
+        "caption": scenes.caption(scene.facts(), int(rng.integers(2))),
+        "chosen_image": good,
+        "rejected_image": bad,
+      }
+    )
   return records
 
 
 def _flip(rng: np.random.Generator, pairs: list[dict], fraction: float) -> tuple[list[dict], dict]:
   n_flip = int(round(fraction * len(pairs)))
-  flipped = set(int(k) for k in rng.choice(len(pairs), size=n_flip, replace=False)) if n_flip else set()
+  flipped = (
+    set(int(k) for k in rng.choice(len(pairs), size=n_flip, replace=False)) if n_flip else set()
+  )
   out, correct = [], {}
   for k, p in enumerate(pairs):
     correct[p["id"]] = p["chosen"]
     if k in flipped:
       p = {**p, "chosen": p["rejected"], "rejected": p["chosen"]}
     out.append(p)
-  truth = {"flip_fraction": fraction, "n_pairs": len(pairs), "n_flipped": n_flip,
-           "flipped_ids": sorted(pairs[k]["id"] for k in flipped), "correct_answer": correct}
+  truth = {
+    "flip_fraction": fraction,
+    "n_pairs": len(pairs),
+    "n_flipped": n_flip,
+    "flipped_ids": sorted(pairs[k]["id"] for k in flipped),
+    "correct_answer": correct,
+  }
   return out, truth
 
 
 def _pair_stats(pairs: list[dict]) -> dict:
   n = len(pairs)
   longer = sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs)
-  return {"n": n, "chosen_longer_share": round(longer / n, 4) if n else 0.0,
-          "types": dict(sorted(Counter(p["meta"]["type"] for p in pairs).items()))}
+  return {
+    "n": n,
+    "chosen_longer_share": round(longer / n, 4) if n else 0.0,
+    "types": dict(sorted(Counter(p["meta"]["type"] for p in pairs).items())),
+  }
 
 
 def generate_world(out_dir: str | Path, cfg: ml_collections.ConfigDict, progress=None) -> dict:
@@ -288,7 +358,7 @@ def generate_world(out_dir: str | Path, cfg: ml_collections.ConfigDict, progress
   `cfg` is the demo config: `cfg.seed` and `cfg.world` (see `world_config`). `progress(name)`,
   when given, is called as each part starts.
   """
-  from mrm_jax.demo import model_dir  # tokenizers/transformers-free until needed
+  from mrm_jax.demo import model_dir  # noqa: PLC0415 - keeps world generation light until needed
 
   out = Path(out_dir)
   counts = resolve_counts(cfg.world)
@@ -298,8 +368,9 @@ def generate_world(out_dir: str | Path, cfg: ml_collections.ConfigDict, progress
   truth: list[dict] = []
 
   step("candidate sets and judge outputs")
-  sets, judgments, kinds = _candidates(_rng(seed, "candidates"), images, counts["candidates"],
-                                       int(cfg.world.judge_repeats), truth)
+  sets, judgments, kinds = _candidates(
+    _rng(seed, "candidates"), images, counts["candidates"], int(cfg.world.judge_repeats), truth
+  )
   write_jsonl(out / "candidates.jsonl", sets)
   write_jsonl(out / "judgments.jsonl", judgments)
 
@@ -314,7 +385,9 @@ def generate_world(out_dir: str | Path, cfg: ml_collections.ConfigDict, progress
   write_json(out / "noisy_truth.json", noisy_truth)
 
   step("held-out pairs")
-  heldout = _pair_set(_rng(seed, "heldout"), images, "heldout", counts["heldout"], truth, "world-heldout")
+  heldout = _pair_set(
+    _rng(seed, "heldout"), images, "heldout", counts["heldout"], truth, "world-heldout"
+  )
   write_jsonl(out / "heldout_pairs.jsonl", heldout)
   write_jsonl(out / "world_truth.jsonl", truth)
 
@@ -323,17 +396,20 @@ def generate_world(out_dir: str | Path, cfg: ml_collections.ConfigDict, progress
 
   valid = sum(j["scores"] is not None for j in judgments)
   stats = {
-      "seed": seed,
-      "config": cfg.world.to_dict(),
-      "image_size": scenes.IMAGE_SIZE,
-      "images": images.count,
-      "candidates": {"n": len(sets), "responses": sum(len(s["responses"]) for s in sets)},
-      "judgments": {"n": len(judgments), "valid": valid, "kinds": dict(sorted(kinds.items()))},
-      "t2i": {"n": len(t2i)},
-      "noisy": {**_pair_stats(clean), "flipped": noisy_truth["n_flipped"],
-                "flip_fraction": noisy_truth["flip_fraction"]},
-      "heldout": _pair_stats(heldout),
-      "model": model_info,
+    "seed": seed,
+    "config": cfg.world.to_dict(),
+    "image_size": scenes.IMAGE_SIZE,
+    "images": images.count,
+    "candidates": {"n": len(sets), "responses": sum(len(s["responses"]) for s in sets)},
+    "judgments": {"n": len(judgments), "valid": valid, "kinds": dict(sorted(kinds.items()))},
+    "t2i": {"n": len(t2i)},
+    "noisy": {
+      **_pair_stats(clean),
+      "flipped": noisy_truth["n_flipped"],
+      "flip_fraction": noisy_truth["flip_fraction"],
+    },
+    "heldout": _pair_stats(heldout),
+    "model": model_info,
   }
   write_json(out / "world.json", stats)
   return stats
@@ -353,7 +429,9 @@ def ensure_world(workdir: Path, cfg) -> tuple[Path, dict, bool]:
       return target, stats, True
   staging = workdir / ".world.partial"
   shutil.rmtree(staging, ignore_errors=True)
-  stats = generate_world(staging, cfg, progress=lambda name: print(f"[world] {name}", file=sys.stderr))
+  stats = generate_world(
+    staging, cfg, progress=lambda name: print(f"[world] {name}", file=sys.stderr)
+  )
   if target.exists():
     shutil.rmtree(target)
   staging.rename(target)
