@@ -17,6 +17,7 @@ step is used; `restore_latest(..., set_aside=True)` (training) also renames the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import sys
 import time
@@ -154,32 +155,45 @@ class Checkpointer:
 _ABORTED_READ_NOISE = ("Event loop is closed", "cannot schedule new futures after")
 
 
+def _is_aborted_read_noise(exc) -> bool:
+  closed_loop = isinstance(exc, RuntimeError) and str(exc).startswith(_ABORTED_READ_NOISE)
+  return closed_loop or "tensorstore" in str(exc).lower()
+
+
+def _drop_aborted_read_records(record: logging.LogRecord) -> bool:
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (exc is not None and _is_aborted_read_noise(exc))
+
+
 @contextlib.contextmanager
 def _quiet_aborted_reads():
   """When one array of a damaged step fails to read, orbax closes its event loop while tensorstore's
-  other reads are still in flight; each of them then prints a traceback ('Event loop is closed', and
-  coroutines 'never retrieved' with a TensorStore spec of dozens of lines) through sys.excepthook /
-  sys.unraisablehook. Those say nothing the one-line warning does not: drop exactly them while
-  restoring; anything else still reaches the original hooks."""
+  other reads are still in flight; each of them then reports a traceback ('Event loop is closed',
+  coroutines 'never retrieved' with a TensorStore spec of dozens of lines) through sys.excepthook,
+  sys.unraisablehook or asyncio's logger, depending on when the garbage collector meets it. Those
+  say nothing the one-line warning does not: drop exactly them while restoring; anything else
+  still reaches the original hooks and handlers."""
   except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
-
-  def noise(exc) -> bool:
-    closed_loop = isinstance(exc, RuntimeError) and str(exc).startswith(_ABORTED_READ_NOISE)
-    return closed_loop or (type(exc) is Exception and "TensorStore" in str(exc))
+  asyncio_log = logging.getLogger("asyncio")
 
   def on_except(kind, exc, tb):
-    if not noise(exc):
+    if not _is_aborted_read_noise(exc):
       except_hook(kind, exc, tb)
 
   def on_unraisable(u):
-    if not noise(u.exc_value):
+    if not _is_aborted_read_noise(u.exc_value):
       unraisable_hook(u)
 
   sys.excepthook, sys.unraisablehook = on_except, on_unraisable
+  # futures of the aborted reads can outlive the restore (collected at exit): this filter stays
+  asyncio_log.addFilter(_drop_aborted_read_records)
   try:
     yield
   except BaseException:
-    time.sleep(0.5)  # the aborted reads report within moments: let them do so into the filter
+    # the aborted reads report within moments (and when their tasks are collected): let them do
+    # so into the filters
+    time.sleep(0.5)
+    gc.collect()
     raise
   finally:
     sys.excepthook, sys.unraisablehook = except_hook, unraisable_hook
