@@ -38,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_seq_len = 1024
   c.data.seq_buckets = ()  # static sequence lengths; empty = (max_seq_len,)
   c.data.length_group = 0  # batches per length-sorted group (data/ordering.py); 0 = off
+  # one row per pair, [prompt, chosen, rejected], the prompt once (models/pair_layout.py)
+  c.data.share_prompt = True
   c.data.image_preprocess = "auto"  # auto | transformers | llamafactory (models/processor.py)
   c.data.template = "model"  # model (the tokenizer's) | qwen2_vl | qwen3_vl | qwen3_vl_nothink
   c.data.max_pixels = 448 * 448

@@ -220,6 +220,29 @@ def test_sigkill_after_second_checkpoint_then_resume_matches(reference, world):
   assert train_losses(wd) == ref  # steps 5-6 replayed from the step-4 checkpoint: identical
 
 
+def test_the_unshared_layout_trains_to_the_same_losses(reference, world):
+  """The reference run packs each pair into one row (data.share_prompt, the default); the
+  two-rows-per-pair layout must give the same losses and evaluation at every step."""
+  man = json.loads((reference / "manifest.json").read_text())
+  assert man["config"]["data"]["share_prompt"] is True
+  wd = world / "unshared"
+  rc, out = run_train(world, wd, 4, extra={"data.share_prompt": False})
+  assert rc == 0, out
+  ref, got = train_losses(reference), train_losses(wd)
+  assert sorted(got) == sorted(ref)
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], atol=1e-5
+  )
+
+  def evals(w):
+    lines = (w / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if json.loads(x).get("split") == "eval"]
+
+  (e_ref,), (e_got,) = evals(reference), evals(wd)
+  for k in ("loss", "accuracy", "reward_margin"):
+    np.testing.assert_allclose(e_got[k], e_ref[k], atol=1e-5, err_msg=k)
+
+
 def test_two_processes_via_launch_local_match_one_process(reference, world):
   """launch/local.sh starts 2 processes x 2 CPU devices joined by jax.distributed on loopback; they
   must

@@ -18,7 +18,8 @@ deterministic `map`, drops the records that failed, batches, and `collate`s each
 smallest configured sequence length (and vision-patch budget) that fits, then prefetches. The
 numpy objects themselves never enter the TF graph: workers park them in a keyed table and only
 the keys flow through tf.data, so the pipeline works for any example/batch structure the model
-uses. Chosen and rejected are rows i and B+i of a batch; `strength` (default 0) rides along.
+uses. Chosen and rejected are rows i and B+i of a batch, or both in row i in the shared-prompt
+layout (mrm_jax/models/pair_layout.py); `strength` (default 0) rides along.
 
 Bad input. A record whose JSON is broken, that lacks a field, has an empty response, names an
 image outside the image root, or whose image cannot be decoded is skipped, counted, and logged
@@ -131,6 +132,14 @@ def _pick(sizes: Sequence[int], need: int, what: str) -> int:
   )
 
 
+def row_buckets(seq_lens: Sequence[int]) -> tuple[int, ...]:
+  """Static row lengths of the shared-prompt layout for the sequence buckets `seq_lens`: each of a
+  pair's two sequences fits the largest bucket, as in the unshared layout, so a row holds up to
+  twice it (less the common prompt)."""
+  top = max(seq_lens)
+  return tuple(sorted(set(seq_lens) | {top + s for s in seq_lens}))
+
+
 def _next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
@@ -163,6 +172,10 @@ class PairPipeline:
   share_vision: each pair's images are processed and sent once: the rejected response is encoded
     with `encode_fn(..., vision=chosen_example)` (reusing its processed images) and collated with
     `collate_fn(..., share=[None] * B + [0..B-1])` (its rows read the chosen rows' vision tokens).
+  encode_pair_fn, collate_pairs_fn: given, batches take the shared-prompt layout
+    (mrm_jax/models/pair_layout.py), one row per pair: `encode_pair_fn(chosen, rejected,
+    image_root, max_len, where) -> packed pair` and `collate_pairs_fn(pairs, seq_len, sub_len,
+    patch_budget)`, `sub_len` being the bucket of the pairs' longer sequence.
   """
 
   def __init__(
@@ -188,6 +201,8 @@ class PairPipeline:
     lengths: Sequence[int] | None = None,
     group_batches: int = 0,
     share_vision: bool = False,
+    encode_pair_fn: Callable | None = None,
+    collate_pairs_fn: Callable | None = None,
   ):
     if not entries:
       raise UserError("the training data holds no records")
@@ -207,6 +222,10 @@ class PairPipeline:
     self.process_index, self.process_count = process_index, process_count
     self.lengths, self.group_batches = lengths, int(group_batches)
     self.share_vision = bool(share_vision)
+    if (encode_pair_fn is None) != (collate_pairs_fn is None):
+      raise ValueError("the shared-prompt layout needs both encode_pair_fn and collate_pairs_fn")
+    self.encode_pair_fn, self.collate_pairs_fn = encode_pair_fn, collate_pairs_fn
+    self.unshared_pairs = 0  # shared-prompt layout: pairs whose prompts differ
     self.max_skip_rate, self.min_checked = float(max_skip_rate), int(min_checked)
     self.num_parallel_calls, self.prefetch = max(1, int(num_parallel_calls)), max(1, int(prefetch))
     self.shard_len = len(range(process_index, len(self.entries), process_count))
@@ -296,9 +315,15 @@ class PairPipeline:
       chosen, rejected = pair_to_scoring(pair)
       if pair.get("videos"):
         chosen["videos"] = rejected["videos"] = pair["videos"]
-      first = self.encode_fn(chosen, entry.image_root, max_len, entry.where)
-      reuse = {"vision": first} if self.share_vision else {}
-      examples = (first, self.encode_fn(rejected, entry.image_root, max_len, entry.where, **reuse))
+      if self.encode_pair_fn is not None:
+        examples = self.encode_pair_fn(chosen, rejected, entry.image_root, max_len, entry.where)
+        if not examples.shared:
+          self._count_unshared(entry)
+      else:
+        first = self.encode_fn(chosen, entry.image_root, max_len, entry.where)
+        reuse = {"vision": first} if self.share_vision else {}
+        second = self.encode_fn(rejected, entry.image_root, max_len, entry.where, **reuse)
+        examples = (first, second)
     except BAD_INPUT_ERRORS as e:
       msg = str(e) if isinstance(e, UserError) else f"{entry.where}: {type(e).__name__}: {e}"
       self._skip(int(index), msg)
@@ -322,7 +347,28 @@ class PairPipeline:
     ) as e:  # raised in the consumer's thread, where the CLI turns UserError into one line
       return np.int64(self._park(_Failure(e)))
 
+  def _count_unshared(self, entry: Entry) -> None:
+    with self._lock:
+      self.unshared_pairs += 1
+      n = self.unshared_pairs
+    if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ... such pair
+      log.info(
+        "%s: the pair's prompts differ, so it is encoded unshared ([chosen, rejected] in one "
+        "row); %d such pair(s) so far",
+        entry.where,
+        n,
+      )
+
   def _collate_items(self, items):
+    if self.collate_pairs_fn is not None:
+      pairs = [it[1] for it in items]
+      rows = row_buckets(self.seq_lens)
+      seq_len = _pick(rows, max(self.length_fn(e) for e in pairs), "tokens")
+      sub_len = _pick(self.seq_lens, max(e.sub_length for e in pairs), "tokens")
+      budget = pick_patch_budget(sum(int(self.patches_fn(e)) for e in pairs), self.patch_budgets)
+      batch = dict(self.collate_pairs_fn(pairs, seq_len, sub_len, budget))
+      batch["strength"] = np.asarray([it[2] for it in items], np.float32)
+      return items[-1][0], batch
     examples = [it[1][0] for it in items] + [it[1][1] for it in items]
     seq_len = _pick(self.seq_lens, max(self.length_fn(e) for e in examples), "tokens")
     b = len(items)
@@ -399,8 +445,15 @@ class PairPipeline:
     return batch
 
 
-def from_processor(entries: Sequence[Entry], processor, **kwargs) -> PairPipeline:
-  """A PairPipeline using the model's `mrm_jax.models.processor.Processor` for encode/collate."""
+def from_processor(
+  entries: Sequence[Entry], processor, *, share_prompt: bool = False, **kwargs
+) -> PairPipeline:
+  """A PairPipeline using the model's `mrm_jax.models.processor.Processor` for encode/collate
+  (`share_prompt`: the shared-prompt layout, one row per pair)."""
+  if share_prompt:
+    kwargs = dict(
+      kwargs, encode_pair_fn=processor.encode_pair, collate_pairs_fn=processor.collate_pairs
+    )
   return PairPipeline(
     entries,
     encode_fn=processor.encode,

@@ -412,6 +412,60 @@ def attention(
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+class PairLayout(NamedTuple):
+  """The shared-prompt pair layout of a text batch (mrm_jax/models/pair_layout.py): `b_index
+  [B, S]`, `lengths [B, 2]`, `b_slot [B, T]`."""
+
+  b_index: jax.Array
+  lengths: jax.Array
+  b_slot: jax.Array
+
+
+def pair_layout(batch) -> PairLayout | None:
+  if "pair_b_index" not in batch:
+    return None
+  return PairLayout(
+    *(jnp.asarray(batch[k]) for k in ("pair_b_index", "pair_lengths", "pair_b_slot"))
+  )
+
+
+def pair_attention(q, k, v, layout: PairLayout, implementation: str | None = None):
+  """Causal attention within each packed row's two sequences: q `[B, T, N, D]`, k/v `[B, T, K, D]`.
+
+  Sequence A is the row's start: one causal call on the first S positions with A's key length
+  (the rejected tokens among them get outputs that are not used). Sequence B is gathered to
+  `[B, S]` for a second causal call; the rejected response's own tokens read their outputs from
+  it. Both calls are plain right-padded causal attention, the form cuDNN's fused kernel takes."""
+  s, t = layout.b_index.shape[1], q.shape[1]
+  span = jnp.arange(s, dtype=jnp.int32)[None, :]
+  lengths = layout.lengths.astype(jnp.int32)
+  out_a = attention(
+    q[:, :s],
+    k[:, :s],
+    v[:, :s],
+    causal=True,
+    key_mask=span < lengths[:, :1],
+    implementation=implementation,
+  )
+
+  def gather(x, index):
+    return jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+
+  index = layout.b_index.astype(jnp.int32)
+  out_b = attention(
+    gather(q, index),
+    gather(k, index),
+    gather(v, index),
+    causal=True,
+    key_mask=span < lengths[:, 1:],
+    implementation=implementation,
+  )
+  out_a = jnp.pad(out_a, ((0, 0), (0, t - s), (0, 0), (0, 0)))
+  slot = layout.b_slot.astype(jnp.int32)
+  from_b = gather(out_b, jnp.maximum(slot - 1, 0))
+  return jnp.where((slot > 0)[:, :, None, None], from_b, out_a)
+
+
 class ItemLayout(NamedTuple):
   """Per-item attention layout (see mrm_jax/models/vision_layout.py): `index [R, L]` patch of each
   slot, `lengths [R]` patches per row, `slot [P, 2]` (row, column) of each patch."""

@@ -158,6 +158,7 @@ class TextAttention(nnx.Module):
     self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **norm) if cfg.qk_norm else None
 
   def __call__(self, x, cos, sin, key_mask):
+    """`key_mask`: `[B, T]` (1 = real token; causal attention) or a `common.PairLayout`."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.n, self.d)
     k = self.k_proj(x).reshape(b, t, self.k, self.d)
@@ -166,7 +167,10 @@ class TextAttention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     q, k = common.apply_rotary(q, c, s), common.apply_rotary(k, c, s)
-    out = common.attention(q, k, v, causal=True, key_mask=key_mask, implementation=self.attention)
+    if isinstance(key_mask, common.PairLayout):
+      out = common.pair_attention(q, k, v, key_mask, implementation=self.attention)
+    else:
+      out = common.attention(q, k, v, causal=True, key_mask=key_mask, implementation=self.attention)
     return self.o_proj(out.reshape(b, t, self.n * self.d))
 
 
@@ -274,9 +278,9 @@ class Backbone(nnx.Module):
       embeds = common.scatter_vision_tokens(embeds, ids, vis, tokens, offsets)
       zeros = jnp.zeros_like(embeds)
       deepstack = [common.scatter_vision_tokens(zeros, ids, f, tokens, offsets) for f in feats]
-    return self.language_model(
-      embeds, jnp.asarray(batch["position_ids"]), jnp.asarray(batch["attention_mask"]), deepstack
-    )
+    pairs = common.pair_layout(batch)  # the shared-prompt layout, or the LM's key mask
+    mask = pairs if pairs is not None else jnp.asarray(batch["attention_mask"])
+    return self.language_model(embeds, jnp.asarray(batch["position_ids"]), mask, deepstack)
 
 
 # ----------------------------------------------------------------------------------------------

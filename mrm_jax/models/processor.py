@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from mrm_jax.data.records import IMAGE_PLACEHOLDER, resolve_image
 from mrm_jax.errors import UserError
 from mrm_jax.io import read_json_object
-from mrm_jax.models import vision_layout
+from mrm_jax.models import pair_layout, vision_layout
 
 VIDEO_PLACEHOLDER = "<video>"
 _PLACEHOLDER_RE = re.compile(r"(<image>|<video>)")
@@ -665,6 +665,21 @@ class Processor:
       ids, pos.astype(np.int32), pixels, grid_thw, arrays, truncated, tuple(k for k, _, _ in grids)
     )
 
+  def encode_pair(
+    self, chosen: dict, rejected: dict, image_root, max_len: int, where: str = "record"
+  ) -> pair_layout.EncodedPair:
+    """A pair's two scoring records → one row of the shared-prompt layout
+    (mrm_jax/models/pair_layout.py). Each sequence is encoded and cut to `max_len` exactly as
+    `encode` does, so the row's two rewards are those of the two encodings; the rejected one reuses
+    the chosen one's processed images when the records have the same."""
+    first = self.encode(chosen, image_root, max_len, where)
+    reuse = first if _vision_items(chosen) == _vision_items(rejected) else None
+    second = self.encode(rejected, image_root, max_len, where, vision=reuse)
+    tokens = (self.config.image_token_id, self.config.video_token_id)
+    return pair_layout.pack(
+      first, second, tokens, lambda grid: self.family.vision_patch_arrays(grid, self.config)
+    )
+
   def _fit(self, system, parts, answer, grids, max_len: int, where: str):
     """Token ids within `max_len`: cut the question text (end), then the system prompt, then the
     answer's
@@ -732,6 +747,29 @@ class Processor:
       share=share,
       layout_sizes=layout_sizes,
     )
+
+  def collate_pairs(
+    self,
+    pairs: Sequence[pair_layout.EncodedPair],
+    seq_len: int,
+    sub_len: int,
+    patch_budget: int | None = None,
+    strength: Sequence[float] | None = None,
+    layout_sizes: dict | None = None,
+  ) -> dict[str, np.ndarray]:
+    """A batch of the shared-prompt layout: one row per pair (`encode_pair`) of `seq_len` tokens,
+    its two sequences within `sub_len` each (the arrays of mrm_jax/models/pair_layout.py)."""
+    batch = self.collate(pairs, seq_len, patch_budget, strength=strength, layout_sizes=layout_sizes)
+    batch.update(pair_layout.layout_arrays(pairs, seq_len, sub_len))
+    return batch
+
+
+def _vision_items(record: dict) -> tuple:
+  """A scoring record's images and videos, comparable."""
+  images = record.get("images") or []
+  images = [images] if isinstance(images, str) else images
+  videos = [tuple(v) if isinstance(v, list) else v for v in record.get("videos") or []]
+  return tuple(images), tuple(videos)
 
 
 def pair_share(rows: int) -> list[int | None]:

@@ -71,9 +71,17 @@ class RewardModel(nnx.Module):
     return get_family(self.family_name)
 
   def hidden_and_rewards(self, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """(last hidden states, rewards). A batch of the shared-prompt layout (`reward_index`, one row
+    per pair) gives the rewards of [chosen of every row, rejected of every row], as an unshared
+    pair batch does."""
     hidden = self.backbone(batch)
-    idx = last_token_index(jnp.asarray(batch["attention_mask"]))
-    last = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+    if "reward_index" in batch:
+      idx = jnp.asarray(batch["reward_index"]).astype(jnp.int32).T.reshape(-1)
+      rows = jnp.tile(jnp.arange(hidden.shape[0]), 2)
+      last = hidden[rows, idx]
+    else:
+      idx = last_token_index(jnp.asarray(batch["attention_mask"]))
+      last = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
     return hidden, self.v_head(last.astype(jnp.float32))[:, 0]
 
   def __call__(self, batch: dict[str, Any]) -> jax.Array:

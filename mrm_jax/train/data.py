@@ -83,7 +83,9 @@ class TrainData:
     group = int(cfg.data.get("length_group", 0))
     lengths = None
     if group > 1:
-      lengths = estimate_lengths(self.entries, processor)
+      lengths = estimate_lengths(
+        self.entries, processor, packed=bool(cfg.data.get("share_prompt", False))
+      )
       log.info(
         "length-grouped batches: %d pairs, groups of %d batches, estimated tokens %d..%d",
         len(lengths),
@@ -110,6 +112,11 @@ class TrainData:
       lengths=lengths,
       group_batches=group,
       share_vision=True,
+      **(
+        dict(encode_pair_fn=processor.encode_pair, collate_pairs_fn=processor.collate_pairs)
+        if cfg.data.get("share_prompt", False)
+        else {}
+      ),
     )
 
   def steps_per_epoch(self, grad_accum: int = 1) -> int:
@@ -135,33 +142,45 @@ def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
   max_len = seq_lens(cfg)[-1]
   bsz = max(1, cfg.train.batch_size // max(1, cfg.train.grad_accum))
 
+  share_prompt = bool(cfg.data.get("share_prompt", False))
+
   def encode(entry):
     try:
       pair, _ = pl.check_pair(entry)
       c, r = pair_to_scoring(pair)
+      strength = float(pair.get("strength") or 0.0)
+      if share_prompt:
+        return processor.encode_pair(c, r, entry.image_root, max_len, entry.where), strength
       chosen = processor.encode(c, entry.image_root, max_len, entry.where)
       # the pair's images once: the rejected response reuses the chosen one's processed images
-      return (
-        chosen,
-        processor.encode(r, entry.image_root, max_len, entry.where, vision=chosen),
-        float(pair.get("strength") or 0.0),
-      )
+      rejected = processor.encode(r, entry.image_root, max_len, entry.where, vision=chosen)
+      return (chosen, rejected), strength
     except pl.BAD_INPUT_ERRORS as e:
       log.warning(
         "eval: skipping record %s", e if isinstance(e, UserError) else f"{entry.where}: {e}"
       )
       return None
 
+  def budget(need: int) -> int:
+    budgets = patch_budgets(cfg)
+    return pl._pick(budgets, need, "vision patches") if budgets else pl._next_pow2(need)
+
   def emit(items, real):
     while len(items) < bsz:
       items.append(items[-1])
-    examples = [it[0] for it in items] + [it[1] for it in items]
-    seq_len = pl._pick(seq_lens(cfg), max(e.length for e in examples), "tokens")
-    need = sum(e.num_patches for e in examples[:bsz])  # rejected rows share the chosen rows' images
-    budgets = patch_budgets(cfg)
-    budget = pl._pick(budgets, need, "vision patches") if budgets else pl._next_pow2(need)
-    batch = dict(processor.collate(examples, seq_len, budget, share=pair_share(len(examples))))
-    batch["strength"] = np.asarray([it[2] for it in items], np.float32)
+    if share_prompt:
+      pairs = [it[0] for it in items]
+      row_len = pl._pick(pl.row_buckets(seq_lens(cfg)), max(e.length for e in pairs), "tokens")
+      sub_len = pl._pick(seq_lens(cfg), max(e.sub_length for e in pairs), "tokens")
+      need = sum(e.num_patches for e in pairs)
+      batch = dict(processor.collate_pairs(pairs, row_len, sub_len, budget(need)))
+    else:
+      examples = [it[0][0] for it in items] + [it[0][1] for it in items]
+      seq_len = pl._pick(seq_lens(cfg), max(e.length for e in examples), "tokens")
+      need = sum(e.num_patches for e in examples[:bsz])  # rejected rows share the chosen's images
+      share = pair_share(len(examples))
+      batch = dict(processor.collate(examples, seq_len, budget(need), share=share))
+    batch["strength"] = np.asarray([it[1] for it in items], np.float32)
     batch["pair_mask"] = (np.arange(bsz) < real).astype(np.float32)
     return batch
 
@@ -215,10 +234,11 @@ def _image_tokens(path, settings: dict) -> int:
   return (h // patch) * (w // patch) // merge**2
 
 
-def estimate_lengths(entries, processor) -> np.ndarray:
-  """Tokens of each pair's longer row, as the processor will encode it up to the chat template's
-  few constant tokens: text tokens plus each image's tokens from its header's size. Records that
-  cannot be read get 0 (the pipeline skips them when it reaches them)."""
+def estimate_lengths(entries, processor, packed: bool = False) -> np.ndarray:
+  """Tokens of each pair's longer row (`packed`: of its shared-prompt row, the prompt once and
+  both answers), as the processor will encode it up to the chat template's few constant tokens:
+  text tokens plus each image's tokens from its header's size. Records that cannot be read get 0
+  (the pipeline skips them when it reaches them)."""
   texts, images, where = [], [], []
   for k, entry in enumerate(entries):
     try:
@@ -226,8 +246,12 @@ def estimate_lengths(entries, processor) -> np.ndarray:
       paths = [resolve_image(p, entry.image_root, entry.where) for p in pair.get("images") or []]
     except (UserError, TypeError, AttributeError):
       continue
-    longer = max(pair["chosen"], pair["rejected"], key=len)
-    texts.append((pair.get("system") or "") + pair["question"] + longer)
+    answers = (
+      pair["chosen"] + pair["rejected"]
+      if packed
+      else max(pair["chosen"], pair["rejected"], key=len)
+    )
+    texts.append((pair.get("system") or "") + pair["question"] + answers)
     images.append(paths)
     where.append(k)
   lengths = np.zeros(len(entries), np.int64)

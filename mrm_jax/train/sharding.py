@@ -136,7 +136,19 @@ def batch_spec(shape: Sequence[int], mesh: Mesh, axis: int = 0) -> PartitionSpec
   return PartitionSpec(*spec)
 
 
-# Arrays in a collated batch whose row (sequence) axis is not the first one.
+# Per-row arrays of a collated batch (the shared-prompt layout's included), and those whose row
+# axis is not the first one.
+ROW_KEYS = (
+  "input_ids",
+  "attention_mask",
+  "position_ids",
+  "strength",
+  "token_type_ids",
+  "pair_b_index",
+  "pair_lengths",
+  "pair_b_slot",
+  "reward_index",
+)
 ROW_AXIS = {"position_ids": 1}
 
 
@@ -147,10 +159,7 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, leading: int = 0) -> d
   out = {}
   for k, v in batch.items():
     shape = np.shape(v)
-    if (
-      k in ("input_ids", "attention_mask", "position_ids", "strength", "token_type_ids")
-      or k in ROW_AXIS
-    ):
+    if k in ROW_KEYS or k in ROW_AXIS:
       out[k] = NamedSharding(mesh, batch_spec(shape, mesh, leading + ROW_AXIS.get(k, 0)))
     else:
       out[k] = NamedSharding(mesh, PartitionSpec())
