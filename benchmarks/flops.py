@@ -6,6 +6,7 @@ per workload (and ordering); no parameter is allocated: the state and the batch 
   python benchmarks/flops.py --workload bench          # shared/bench: 8 pairs x 1,024 tokens
   python benchmarks/flops.py --workload dt2it          # DT2IT-like lengths, buckets 512/1024/2048
   python benchmarks/flops.py --workload bench --legacy # the layout before issue 17 (for comparison)
+  python benchmarks/flops.py --workload dt2it --layout shared_prompt   # one row per pair (issue 20)
 
 Both workloads use the Qwen2-VL-2B shape, vision frozen, bf16, one 448x448 image (1,024 patches,
 256 merged tokens) per pair. `--legacy` collates each row's image separately and attends over the
@@ -22,6 +23,12 @@ seeded shuffle, and length-grouped batches of mrm_jax.data.ordering with `--grou
 group), each padded to the smallest bucket its longest row fits. `padding_ratio` = executed FLOPs
 over the FLOPs of the same step on the same pairs without padding, estimated as executed /
 useful of the unpadded-bench-shaped step (the bench ratio) applied per batch.
+
+`--layout shared_prompt` (dt2it): each pair in one row [prompt, chosen, rejected]
+(mrm_jax/models/pair_layout.py), rows padded to a bucket of `row_buckets(--buckets)` and both
+sequences to a bucket of `--buckets`, batches length-grouped by the packed length; the prompt-once
+minimum counts the prompt's tokens once and each response's causal attention over the prompt and
+itself.
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ import train_step as bench  # noqa: E402  (the synthetic bench-shaped examples)
 
 from mrm_jax.config import base_config  # noqa: E402
 from mrm_jax.data.ordering import epoch_order  # noqa: E402
+from mrm_jax.data.pipeline import own_buckets, row_buckets  # noqa: E402
 from mrm_jax.evaluate.scoring import _jitted_forward  # noqa: E402
-from mrm_jax.models import get_family, vision_layout  # noqa: E402
-from mrm_jax.models.processor import collate, pair_share  # noqa: E402
+from mrm_jax.models import get_family, pair_layout, vision_layout  # noqa: E402
+from mrm_jax.models.processor import Encoded, collate, pair_share  # noqa: E402
 from mrm_jax.train import sharding as shd  # noqa: E402
 from mrm_jax.train.loop import Setup, _model_flops_spec, _stack_micro  # noqa: E402
 
@@ -107,6 +115,38 @@ def pair_batch(mcfg, pairs: int, seq_len: int, mode: str = "pairs") -> dict:
     strength=np.zeros(pairs, np.float32),
     share=pair_share(2 * pairs),
   )
+
+
+def shared_prompt_batch(mcfg, pairs: int, row_len: int, sub_len: int, own_len: int) -> dict:
+  """A shared-prompt batch of `pairs` rows of `row_len` tokens whose sequences fit `sub_len` and
+  rejected responses `own_len` (XLA's count depends on the shapes only), one 448² image in each
+  prompt."""
+  fam = get_family("qwen2_vl")
+  n_img = (IMAGE // mcfg.vision.patch_size) ** 2 // mcfg.merge_size**2
+  prompt = min(sub_len - 1, row_len // 2)
+  answer = max(1, min(sub_len - prompt, (row_len - prompt) // 2, own_len))
+  (base,), _ = bench.synthetic_examples(mcfg, fam, 1, prompt - n_img, IMAGE)
+  rng = np.random.default_rng(0)
+  tokens = (mcfg.image_token_id, mcfg.video_token_id)
+  specials = tokens + (mcfg.vision_start_token_id, mcfg.vision_end_token_id)
+  text_ids = min(mcfg.text.vocab_size, *specials)  # plain text: below every special id
+  rows = []
+  for _ in range(pairs):
+    seqs = []
+    for _ in range(2):
+      ids = np.concatenate([base.input_ids, rng.integers(0, text_ids, answer)]).astype(np.int32)
+      pos = fam.rope_index(ids, base.grid_thw, mcfg).astype(np.int32)
+      seqs.append(Encoded(ids, pos, base.pixel_values, base.grid_thw, base.patch_arrays))
+    rows.append(pair_layout.pack(*seqs, tokens, lambda g: {}))
+  batch = collate(
+    rows,
+    row_len,
+    merge_size=mcfg.merge_size,
+    patch_dim=mcfg.vision.patch_dim,
+    strength=np.zeros(pairs, np.float32),
+  )
+  batch.update(pair_layout.layout_arrays(rows, row_len, sub_len, own_len))
+  return batch
 
 
 def train_flops(setup: Setup, batch: dict) -> float:
@@ -203,14 +243,27 @@ def _tower_flops(setup: Setup, mcfg, n: int, legacy: bool) -> float:
   return float(jax.jit(tower).trace(*args).lower().cost_analysis()["flops"])
 
 
-def dt2it_lengths(n: int, seed: int, img_tokens: int) -> list[tuple[int, int]]:
-  """(chosen row, rejected row) token counts of `n` DT2IT-like pairs."""
+def prompt_once_useful(spec: dict, prompt: int, chosen: int, rejected: int, patches: int) -> float:
+  """The minimum of one pair with its prompt encoded once: 6·N_lm per distinct token, causal
+  attention over the prompt once and each response over the prompt and itself, the image once."""
+  tokens = prompt + chosen + rejected
+  pairs = prompt * prompt + sum(2 * n * prompt + n * n for n in (chosen, rejected))  # x (1/2)
+  attn = 3 * spec["lm_layers"] * 2 * pairs * spec["lm_attn_dim"]
+  vis = 2 * spec["n_vis"] * patches + spec["vis_layers"] * 4 * patches**2 * spec["vis_attn_dim"]
+  return float(6 * spec["n_lm"] * tokens + attn + vis)
+
+
+def dt2it_pairs(n: int, seed: int, img_tokens: int) -> list[tuple[int, int, int]]:
+  """(prompt, chosen response, rejected response) token counts of `n` DT2IT-like pairs."""
   rng = np.random.default_rng(seed)
   prompt = rng.integers(max(300, img_tokens + 1), 1301, size=n)
-  return [
-    (int(p + c), int(p + r))
-    for p, c, r in zip(prompt, rng.integers(100, 401, size=n), rng.integers(100, 401, size=n))
-  ]
+  chosen, rejected = rng.integers(100, 401, size=n), rng.integers(100, 401, size=n)
+  return [(int(p), int(c), int(r)) for p, c, r in zip(prompt, chosen, rejected)]
+
+
+def dt2it_lengths(n: int, seed: int, img_tokens: int) -> list[tuple[int, int]]:
+  """(chosen row, rejected row) token counts of `n` DT2IT-like pairs."""
+  return [(p + c, p + r) for p, c, r in dt2it_pairs(n, seed, img_tokens)]
 
 
 def run_dt2it(
@@ -279,12 +332,63 @@ def run_dt2it(
     )
 
 
+def run_dt2it_shared(
+  setup: Setup, spec: dict, n_pairs: int, seed: int, group: int, buckets: tuple[int, ...]
+) -> None:
+  mcfg = setup.spec.model_config
+  patches = (IMAGE // mcfg.vision.patch_size) ** 2
+  pairs = dt2it_pairs(n_pairs, seed, patches // mcfg.merge_size**2)
+  rows = row_buckets(buckets)
+  packed = np.asarray([p + c + r for p, c, r in pairs])
+  order = epoch_order(
+    n_pairs, seed=seed, epoch=0, lengths=packed, batch_size=PAIRS_PER_STEP, group_batches=group
+  )
+  executed = useful = once = 0.0
+  shapes: dict[tuple[int, int, int], float] = {}
+  real = tokens = steps = 0
+  for i in range(0, n_pairs // PAIRS_PER_STEP * PAIRS_PER_STEP, PAIRS_PER_STEP):
+    batch = [pairs[j] for j in order[i : i + PAIRS_PER_STEP]]
+    row_len = min(b for b in rows if b >= max(p + c + r for p, c, r in batch))
+    sub_len = min(b for b in buckets if b >= max(p + max(c, r) for p, c, r in batch))
+    own_len = min(b for b in own_buckets(buckets) if b >= max(r for _, _, r in batch))
+    shape = (row_len, sub_len, own_len)
+    if shape not in shapes:
+      shapes[shape] = train_flops(setup, shared_prompt_batch(mcfg, PAIRS_PER_STEP, *shape))
+    executed += shapes[shape]
+    lengths = [n for p, c, r in batch for n in (p + c, p + r)]
+    useful += useful_flops(spec, lengths, patches, PAIRS_PER_STEP)
+    once += sum(prompt_once_useful(spec, p, c, r, patches) for p, c, r in batch)
+    real += sum(p + c + r for p, c, r in batch)
+    tokens += row_len * PAIRS_PER_STEP
+    steps += 1
+  n = steps * PAIRS_PER_STEP
+  _line(
+    workload="dt2it",
+    layout="shared_prompt",
+    order="length_grouped",
+    pairs=n,
+    buckets=list(buckets),
+    flops_per_pair=executed / n,
+    useful_flops_per_pair=useful / n,
+    prompt_once_useful_flops_per_pair=once / n,
+    ratio_to_prompt_once=round(executed / once, 4),
+    real_token_fraction=round(real / tokens, 4),
+    compiled_shapes=len(shapes),
+  )
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--workload", choices=["bench", "dt2it"], default="bench")
   p.add_argument("--legacy", action="store_true", help="the pre-issue-17 layout, for comparison")
+  p.add_argument(
+    "--layout",
+    choices=["pairs", "shared_prompt"],
+    default="pairs",
+    help="dt2it: two rows per pair (pairs) or one (shared_prompt)",
+  )
   p.add_argument("--preset", default="qwen2-vl-2b", help="Qwen2-VL preset (tiny: a quick check)")
   p.add_argument("--pairs", type=int, default=512, help="dt2it: pairs drawn")
   p.add_argument("--seed", type=int, default=0)
@@ -297,6 +401,8 @@ def main(argv=None):
   spec = _model_flops_spec(setup, None)
   if a.workload == "bench":
     run_bench(setup, spec, a.legacy)
+  elif a.layout == "shared_prompt":
+    run_dt2it_shared(setup, spec, a.pairs, a.seed, a.group, tuple(sorted(a.buckets)))
   else:
     run_dt2it(setup, spec, a.pairs, a.seed, a.group, a.legacy, tuple(sorted(a.buckets)))
 

@@ -72,7 +72,9 @@ def _shared_prompt_batch(fam, cfg):
     patch_dim=cfg.vision.patch_dim,
     strength=np.zeros(2, np.float32),
   )
-  batch.update(pair_layout.layout_arrays(pairs, seq, max(p.sub_length for p in pairs) + 3))
+  sub = max(p.sub_length for p in pairs) + 3
+  sub, own = sub + sub % 2, 8  # even lengths, as cuDNN's biased attention needs (buckets are)
+  batch.update(pair_layout.layout_arrays(pairs, seq, sub, own))
   return batch
 
 
@@ -121,12 +123,15 @@ def test_train_step_lowers_to_cudnn_and_attends_per_image(monkeypatch):
 
 
 def test_shared_prompt_layout_lowers_to_two_fused_calls_per_layer(monkeypatch):
-  """Each LM layer of the shared-prompt layout: two cuDNN fused causal calls forward (sequence A,
-  sequence B) and two backward; the vision tower as before."""
+  """Each LM layer of the shared-prompt layout: two cuDNN fused calls forward (sequence A causal,
+  the rejected response's tokens against sequence B under a bias) and two backward; the vision
+  tower as before."""
   fam, mcfg = tiny_config("qwen2_vl")
   text, targets = _cuda_program(monkeypatch, fam, mcfg, _shared_prompt_batch(fam, mcfg))
-  fwd = [t for t in targets if t == "__cudnn$fmhaSoftmax"]
-  bwd = [t for t in targets if t == "__cudnn$fmhaSoftmaxBackward"]
+  fwd = [t for t in targets if t.startswith("__cudnn$fmha") and "Backward" not in t]
+  bwd = [t for t in targets if t.startswith("__cudnn$fmha") and "Backward" in t]
   text_layers, vision_blocks = mcfg.text.num_hidden_layers, mcfg.vision.depth
   assert len(fwd) == 2 * text_layers + vision_blocks, sorted(set(targets))
-  assert len(bwd) == 2 * text_layers
+  assert len(bwd) == 2 * text_layers, sorted(set(targets))
+  # the rejected block's call takes its mask as a bias
+  assert fwd.count("__cudnn$fmhaScaleBiasSoftmax") == text_layers, sorted(set(targets))

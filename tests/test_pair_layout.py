@@ -66,10 +66,11 @@ def _batches(family, cfg):
     for c, r in zip(chosen, rejected)
   ]
   sub_len = max(p.sub_length for p in packed) + 2
+  own_len = max(p.own_length for p in packed) + 1
   row_len = max(p.length for p in packed) + 5
   need = sum(p.num_patches for p in packed)
   shared = collate(packed, row_len, need + 4, **kw)
-  shared.update(pair_layout.layout_arrays(packed, row_len, sub_len))
+  shared.update(pair_layout.layout_arrays(packed, row_len, sub_len, own_len))
   return packed, unshared, shared
 
 
@@ -118,14 +119,15 @@ def test_layout_arrays_by_hand():
   assert pair.shared and pair.prefix_length == 3
   np.testing.assert_array_equal(pair.input_ids, [5, 6, 7, 8, 9, 4])
   np.testing.assert_array_equal(pair.position_ids[0], [0, 1, 2, 3, 4, 3])
-  arrays = pair_layout.layout_arrays([pair], seq_len=8, sub_len=6)
+  arrays = pair_layout.layout_arrays([pair], seq_len=8, sub_len=6, own_len=2)
   np.testing.assert_array_equal(arrays["pair_b_index"], [[0, 1, 2, 5, 0, 0]])
-  np.testing.assert_array_equal(arrays["pair_lengths"], [[5, 4]])
-  np.testing.assert_array_equal(arrays["pair_b_slot"], [[0, 0, 0, 0, 0, 4, 0, 0]])
+  np.testing.assert_array_equal(arrays["pair_r_index"], [[5, 0]])
+  np.testing.assert_array_equal(arrays["pair_lengths"], [[5, 4, 3]])
+  np.testing.assert_array_equal(arrays["pair_r_slot"], [[0, 0, 0, 0, 0, 1, 0, 0]])
   np.testing.assert_array_equal(arrays["reward_index"], [[4, 5]])
   # identical sequences: each keeps its last token
   same = pair_layout.pack(Enc([5, 6, 7]), Enc([5, 6, 7]), (1, 2), lambda g: {})
   np.testing.assert_array_equal(same.input_ids, [5, 6, 7, 7])
   np.testing.assert_array_equal(same.b_index, [0, 1, 3])
   with pytest.raises(ValueError, match="more than"):
-    pair_layout.layout_arrays([pair], seq_len=8, sub_len=4)
+    pair_layout.layout_arrays([pair], seq_len=8, sub_len=4, own_len=2)

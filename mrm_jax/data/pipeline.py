@@ -140,6 +140,14 @@ def row_buckets(seq_lens: Sequence[int]) -> tuple[int, ...]:
   return tuple(sorted(set(seq_lens) | {top + s for s in seq_lens}))
 
 
+def own_buckets(seq_lens: Sequence[int]) -> tuple[int, ...]:
+  """Static lengths of a shared-prompt batch's rejected-response block: the sequence buckets and,
+  below the smallest, its halves down to 16 (responses are often much shorter than prompts)."""
+  low = min(seq_lens)
+  halves = [low >> k for k in range(1, 16) if low >> k >= 16]
+  return tuple(sorted(set(seq_lens) | set(halves)))
+
+
 def _next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
@@ -175,7 +183,8 @@ class PairPipeline:
   encode_pair_fn, collate_pairs_fn: given, batches take the shared-prompt layout
     (mrm_jax/models/pair_layout.py), one row per pair: `encode_pair_fn(chosen, rejected,
     image_root, max_len, where) -> packed pair` and `collate_pairs_fn(pairs, seq_len, sub_len,
-    patch_budget)`, `sub_len` being the bucket of the pairs' longer sequence.
+    own_len, patch_budget)`, `sub_len` being the bucket of the pairs' longer sequence and
+    `own_len` that of their rejected responses' own tokens (`own_buckets`).
   """
 
   def __init__(
@@ -365,8 +374,9 @@ class PairPipeline:
       rows = row_buckets(self.seq_lens)
       seq_len = _pick(rows, max(self.length_fn(e) for e in pairs), "tokens")
       sub_len = _pick(self.seq_lens, max(e.sub_length for e in pairs), "tokens")
+      own_len = _pick(own_buckets(self.seq_lens), max(e.own_length for e in pairs), "tokens")
       budget = pick_patch_budget(sum(int(self.patches_fn(e)) for e in pairs), self.patch_budgets)
-      batch = dict(self.collate_pairs_fn(pairs, seq_len, sub_len, budget))
+      batch = dict(self.collate_pairs_fn(pairs, seq_len, sub_len, own_len, budget))
       batch["strength"] = np.asarray([it[2] for it in items], np.float32)
       return items[-1][0], batch
     examples = [it[1][0] for it in items] + [it[1][1] for it in items]

@@ -414,56 +414,65 @@ def attention(
 
 class PairLayout(NamedTuple):
   """The shared-prompt pair layout of a text batch (mrm_jax/models/pair_layout.py): `b_index
-  [B, S]`, `lengths [B, 2]`, `b_slot [B, T]`."""
+  [B, S]`, `r_index [B, R]`, `lengths [B, 3]`, `r_slot [B, T]`."""
 
   b_index: jax.Array
+  r_index: jax.Array
   lengths: jax.Array
-  b_slot: jax.Array
+  r_slot: jax.Array
+
+
+PAIR_LAYOUT_KEYS = ("pair_b_index", "pair_r_index", "pair_lengths", "pair_r_slot")
 
 
 def pair_layout(batch) -> PairLayout | None:
   if "pair_b_index" not in batch:
     return None
-  return PairLayout(
-    *(jnp.asarray(batch[k]) for k in ("pair_b_index", "pair_lengths", "pair_b_slot"))
-  )
+  return PairLayout(*(jnp.asarray(batch[k]) for k in PAIR_LAYOUT_KEYS))
 
 
 def pair_attention(q, k, v, layout: PairLayout, implementation: str | None = None):
-  """Causal attention within each packed row's two sequences: q `[B, T, N, D]`, k/v `[B, T, K, D]`.
+  """Attention of packed pair rows: q `[B, T, N, D]`, k/v `[B, T, K, D]` → `[B, T, N, D]`.
 
-  Sequence A is the row's start: one causal call on the first S positions with A's key length
-  (the rejected tokens among them get outputs that are not used). Sequence B is gathered to
-  `[B, S]` for a second causal call; the rejected response's own tokens read their outputs from
-  it. Both calls are plain right-padded causal attention, the form cuDNN's fused kernel takes."""
-  s, t = layout.b_index.shape[1], q.shape[1]
-  span = jnp.arange(s, dtype=jnp.int32)[None, :]
+  Sequence A (prefix + chosen) is the row's start: one causal call on the first S positions with
+  A's key length (the rejected tokens among them get outputs that are not used). The rejected
+  response's own tokens are gathered as queries `[B, R]` against sequence B's keys `[B, S]`
+  (prefix + rejected) under B's causal mask, so the prefix is attended to once; their outputs go
+  back to their packed positions. cuDNN runs the first call as padded causal attention and the
+  second with the mask as a bias."""
+  s, t, r = layout.b_index.shape[1], q.shape[1], layout.r_index.shape[1]
+  span = jnp.arange(s, dtype=jnp.int32)
   lengths = layout.lengths.astype(jnp.int32)
   out_a = attention(
     q[:, :s],
     k[:, :s],
     v[:, :s],
     causal=True,
-    key_mask=span < lengths[:, :1],
+    key_mask=span[None, :] < lengths[:, :1],
     implementation=implementation,
   )
 
   def gather(x, index):
-    return jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+    return jnp.take_along_axis(x, index.astype(jnp.int32)[:, :, None, None], axis=1)
 
-  index = layout.b_index.astype(jnp.int32)
-  out_b = attention(
-    gather(q, index),
-    gather(k, index),
-    gather(v, index),
-    causal=True,
-    key_mask=span < lengths[:, 1:],
-    implementation=implementation,
+  # query m of row b is B's token prefix + m: it sees B's keys up to itself (at least one key)
+  query_pos = lengths[:, 2:3] + jnp.arange(r, dtype=jnp.int32)[None, :]
+  last = jnp.maximum(jnp.minimum(query_pos, lengths[:, 1:2] - 1), 0)
+  mask = span[None, None, :] <= last[:, :, None]
+  impl = None if implementation in (None, "auto") else implementation
+  if impl == "cudnn" and (r % 2 or s % 2):
+    impl = "xla"  # cuDNN trains with a bias only for even lengths (the configured buckets are)
+  out_r = jax.nn.dot_product_attention(
+    gather(q, layout.r_index),
+    gather(k, layout.b_index),
+    gather(v, layout.b_index),
+    mask=mask[:, None],
+    implementation=impl,
   )
   out_a = jnp.pad(out_a, ((0, 0), (0, t - s), (0, 0), (0, 0)))
-  slot = layout.b_slot.astype(jnp.int32)
-  from_b = gather(out_b, jnp.maximum(slot - 1, 0))
-  return jnp.where((slot > 0)[:, :, None, None], from_b, out_a)
+  slot = layout.r_slot.astype(jnp.int32)
+  from_r = gather(out_r, jnp.maximum(slot - 1, 0))
+  return jnp.where((slot > 0)[:, :, None, None], from_r, out_a)
 
 
 class ItemLayout(NamedTuple):

@@ -6,9 +6,11 @@ same in both sequences, so a row can hold the prefix once, then the chosen respo
 rejected response, and attention recovers the two sequences exactly:
   sequence A = the row's first `a_length` tokens: [prefix, chosen response];
   sequence B = the row's tokens at `b_index`: [prefix, rejected response].
-The model attends causally within A and within B (two fused causal calls, `common.pair_attention`),
-so the rejected tokens see the prefix and themselves, never the chosen ones. Every other operation
-is per token and runs once on the packed row. M-RoPE positions of the rejected response continue
+The model attends causally within A (one causal call on the row's start) and lets the rejected
+response's own tokens attend, as queries, to sequence B under B's causal mask (a second call), so
+the rejected tokens see the prefix and themselves, never the chosen ones, and the prefix is
+attended to once (`common.pair_attention`). Every other operation is per token and runs once on
+the packed row. M-RoPE positions of the rejected response continue
 from the prefix's end exactly as in its own sequence, and the reward is read at each sequence's
 last token, as for an unshared row.
 
@@ -20,13 +22,16 @@ sequences (their prompts differ before an image), the row falls back to the unsh
 
 Batch arrays added by `collate_pairs` to `processor.collate`'s (B rows = B pairs):
   `pair_b_index [B, S]`  int32: packed position of each token of sequence B (0 past its end);
-  `pair_lengths [B, 2]`  int32: tokens of A and of B;
-  `pair_b_slot [B, T]`   int32: 1 + the position in B of each token that reads its output from B
-                         (the rejected response's own tokens), 0 for the others;
+  `pair_r_index [B, R]`  int32: packed position of each of the rejected response's own tokens (the
+                         tokens of B after the prefix; 0 past their end);
+  `pair_lengths [B, 3]`  int32: tokens of A, of B, and of the common prefix;
+  `pair_r_slot [B, T]`   int32: 1 + the index in `pair_r_index` of each packed position that is a
+                         rejected response's own token, 0 for the others;
   `reward_index [B, 2]`  int32: packed position of the chosen and of the rejected reward token.
 S (`sub_len`) is a sequence bucket that holds A and B; A is computed on the row's first S
-positions. A row's length T is a bucket of `mrm_jax.data.pipeline.row_buckets`. Zero padding of
-every array stays valid (an all-zero row is an empty pair).
+positions. R (`own_len`) is a bucket holding the rejected response's own tokens. A row's length T
+is a bucket of `mrm_jax.data.pipeline.row_buckets`. Zero padding of every array stays valid (an
+all-zero row is an empty pair).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-PAIR_KEYS = ("pair_b_index", "pair_lengths", "pair_b_slot", "reward_index")
+PAIR_KEYS = ("pair_b_index", "pair_r_index", "pair_lengths", "pair_r_slot", "reward_index")
 
 
 @dataclasses.dataclass
@@ -70,6 +75,11 @@ class EncodedPair:
   @property
   def prefix_length(self) -> int:
     return int(np.sum(self.b_index < self.a_length))
+
+  @property
+  def own_length(self) -> int:
+    """The rejected response's own tokens (sequence B after the common prefix)."""
+    return int(self.b_index.shape[0]) - self.prefix_length
 
 
 def common_prefix(chosen, rejected) -> int:
@@ -142,25 +152,27 @@ def pack(
   )
 
 
-def layout_arrays(pairs: Sequence[EncodedPair], seq_len: int, sub_len: int) -> dict:
+def layout_arrays(pairs: Sequence[EncodedPair], seq_len: int, sub_len: int, own_len: int) -> dict:
   """The `PAIR_KEYS` arrays of a batch of packed rows (module docstring)."""
   b = len(pairs)
   out = {
     "pair_b_index": np.zeros((b, sub_len), np.int32),
-    "pair_lengths": np.zeros((b, 2), np.int32),
-    "pair_b_slot": np.zeros((b, seq_len), np.int32),
+    "pair_r_index": np.zeros((b, own_len), np.int32),
+    "pair_lengths": np.zeros((b, 3), np.int32),
+    "pair_r_slot": np.zeros((b, seq_len), np.int32),
     "reward_index": np.zeros((b, 2), np.int32),
   }
   for i, e in enumerate(pairs):
-    nb = int(e.b_index.shape[0])
-    if e.sub_length > sub_len or e.length > seq_len:
+    nb, prefix = int(e.b_index.shape[0]), e.prefix_length
+    if e.sub_length > sub_len or e.length > seq_len or e.own_length > own_len:
       raise ValueError(
-        f"pair {i} needs {e.sub_length} attention / {e.length} row tokens, more than "
-        f"{sub_len} / {seq_len}"
+        f"pair {i} needs {e.sub_length} attention / {e.own_length} own / {e.length} row tokens, "
+        f"more than {sub_len} / {own_len} / {seq_len}"
       )
+    own = e.b_index[prefix:]
     out["pair_b_index"][i, :nb] = e.b_index
-    own = np.nonzero(e.b_index >= e.a_length)[0]
-    out["pair_b_slot"][i, e.b_index[own]] = own + 1
-    out["pair_lengths"][i] = (e.a_length, nb)
+    out["pair_r_index"][i, : len(own)] = own
+    out["pair_r_slot"][i, own] = np.arange(1, len(own) + 1)
+    out["pair_lengths"][i] = (e.a_length, nb, prefix)
     out["reward_index"][i] = (e.a_length - 1, e.b_index[-1])
   return out

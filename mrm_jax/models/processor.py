@@ -753,14 +753,16 @@ class Processor:
     pairs: Sequence[pair_layout.EncodedPair],
     seq_len: int,
     sub_len: int,
+    own_len: int,
     patch_budget: int | None = None,
     strength: Sequence[float] | None = None,
     layout_sizes: dict | None = None,
   ) -> dict[str, np.ndarray]:
     """A batch of the shared-prompt layout: one row per pair (`encode_pair`) of `seq_len` tokens,
-    its two sequences within `sub_len` each (the arrays of mrm_jax/models/pair_layout.py)."""
+    its two sequences within `sub_len` each and the rejected response's own tokens within
+    `own_len` (the arrays of mrm_jax/models/pair_layout.py)."""
     batch = self.collate(pairs, seq_len, patch_budget, strength=strength, layout_sizes=layout_sizes)
-    batch.update(pair_layout.layout_arrays(pairs, seq_len, sub_len))
+    batch.update(pair_layout.layout_arrays(pairs, seq_len, sub_len, own_len))
     return batch
 
 

@@ -172,8 +172,10 @@ def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
       pairs = [it[0] for it in items]
       row_len = pl._pick(pl.row_buckets(seq_lens(cfg)), max(e.length for e in pairs), "tokens")
       sub_len = pl._pick(seq_lens(cfg), max(e.sub_length for e in pairs), "tokens")
+      own = pl.own_buckets(seq_lens(cfg))
+      own_len = pl._pick(own, max(e.own_length for e in pairs), "tokens")
       need = sum(e.num_patches for e in pairs)
-      batch = dict(processor.collate_pairs(pairs, row_len, sub_len, budget(need)))
+      batch = dict(processor.collate_pairs(pairs, row_len, sub_len, own_len, budget(need)))
     else:
       examples = [it[0][0] for it in items] + [it[0][1] for it in items]
       seq_len = pl._pick(seq_lens(cfg), max(e.length for e in examples), "tokens")

@@ -145,8 +145,9 @@ ROW_KEYS = (
   "strength",
   "token_type_ids",
   "pair_b_index",
+  "pair_r_index",
   "pair_lengths",
-  "pair_b_slot",
+  "pair_r_slot",
   "reward_index",
 )
 ROW_AXIS = {"position_ids": 1}
