@@ -89,6 +89,14 @@ def _take(it, k):
   return [next(it) for _ in range(k)]
 
 
+def _lane_batch(epochs, bad, batch, k=0):
+  """The records of batch k by the lane rule (see pipeline.py): slot j takes the k-th good record
+  of stream positions j, j+B, j+2B, ... (`epochs`: the epochs' orders, concatenated)."""
+  stream = np.concatenate(epochs)
+  lanes = [[int(r) for r in stream[j::batch] if r not in bad] for j in range(batch)]
+  return [lanes[j][k] for j in range(batch)]
+
+
 def _same(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
@@ -257,9 +265,10 @@ def _bad_world(tmp_path):
 def test_every_bad_input_is_skipped_counted_and_logged(tmp_path, caplog):
   f = _bad_world(tmp_path)
   caplog.set_level(logging.WARNING, logger="mrm_jax.data.pipeline")
-  p = _pipe(f, batch_size=5, shuffle=False, num_epochs=1, max_skip_rate=0.9)
+  # one lane: each batch is the next good record
+  p = _pipe(f, batch_size=1, shuffle=False, num_epochs=1, max_skip_rate=0.9)
   batches = list(p)
-  assert [int(r) for b in batches for r in b["rid"][:5]] == [0, 3, 6, 9, 11]
+  assert [int(r) for b in batches for r in b["rid"][:1]] == [0, 3, 6, 9, 11]
   assert (p.seen, p.skipped) == (12, 7)
   msgs = "\n".join(r.getMessage() for r in caplog.records)
   for line, text in [
@@ -290,7 +299,7 @@ def test_state_from_another_setup_is_refused(tmp_path):
   p = _pipe(_world(tmp_path))
   with pytest.raises(UserError, match="saved with seed=3"):
     p.set_state({"epoch": 0, "position": 0, "seed": 3})
-  with pytest.raises(UserError, match="outside this host's shard"):
+  with pytest.raises(UserError, match=r"position 99 is outside the data \(23 records\)"):
     p.set_state({"epoch": 0, "position": 99})
 
 
@@ -345,9 +354,8 @@ def test_real_processor_rows_buckets_and_resume(tmp_path, processor):
   _same(_take(resumed, 3), tail)
   _same(_take(pl.from_processor(pl.load_entries(f), processor, **kw), 2), first)
 
-  order = [
-    i for i in np.random.default_rng([1, 0]).permutation(10) if i != 4
-  ]  # r4's image is broken
+  perms = [np.random.default_rng([1, e]).permutation(10) for e in (0, 1)]
+  order = _lane_batch(perms, {4}, 3)  # r4's image is broken: its lane takes its next record
   b = first[0]
   assert b["input_ids"].shape[0] == 6 and b["input_ids"].shape[1] in (48, 96, 160)
   assert (
@@ -370,6 +378,55 @@ def test_real_processor_rows_buckets_and_resume(tmp_path, processor):
   )
 
 
+def test_real_processor_shared_prompt_rows_and_resume(tmp_path, processor):
+  """share_prompt: one row per pair holding both encodings (the prompt once), row and sequence
+  buckets from the configured lengths, and the same resume guarantee."""
+  f, recs = _real_world(tmp_path)
+  seq_lens = (48, 96, 160)
+  kw = dict(
+    batch_size=3,
+    seq_lens=seq_lens,
+    patch_budgets=(64, 128, 256),
+    seed=1,
+    num_parallel_calls=2,
+    min_checked=1000,
+    share_prompt=True,
+  )
+  ref = pl.from_processor(pl.load_entries(f), processor, **kw)
+  first = _take(ref, 1)
+  state = ref.get_state()
+  tail = _take(ref, 2)
+  resumed = pl.from_processor(pl.load_entries(f), processor, **kw)
+  resumed.set_state(json.loads(json.dumps(state)))
+  _same(_take(resumed, 2), tail)
+
+  order = _lane_batch([np.random.default_rng([1, e]).permutation(10) for e in (0, 1)], {4}, 3)
+  b = first[0]
+  assert b["input_ids"].shape[0] == 3 and b["input_ids"].shape[1] in pl.row_buckets(seq_lens)
+  assert b["pair_b_index"].shape[1] in seq_lens and b["reward_index"].shape == (3, 2)
+  for row, i in enumerate(order[:3]):
+    base = {"images": recs[i]["images"], "question": recs[i]["question"]}
+    c, r = (
+      processor.encode(dict(base, answer=recs[i][k]), tmp_path, 160) for k in ("chosen", "rejected")
+    )
+    a_len, b_len, _ = b["pair_lengths"][row]
+    np.testing.assert_array_equal(b["input_ids"][row, :a_len], c.input_ids)
+    np.testing.assert_array_equal(b["input_ids"][row, b["pair_b_index"][row, :b_len]], r.input_ids)
+    np.testing.assert_array_equal(
+      b["position_ids"][:, row, b["pair_b_index"][row, :b_len]], r.position_ids
+    )
+    assert (a_len, b_len) == (c.length, r.length)
+    assert b["attention_mask"][row].sum() < c.length + r.length  # the prompt once
+    assert tuple(b["reward_index"][row]) == (c.length - 1, b["pair_b_index"][row, b_len - 1])
+  # each pair's images once
+  assert (b["vision_segment_ids"] > 0).sum() == sum(
+    processor.encode(
+      {"images": recs[i]["images"], "question": "", "answer": "x"}, tmp_path, 160
+    ).num_patches
+    for i in order[:3]
+  )
+
+
 def test_real_processor_truncation_keeps_final_token_and_skips_broken_image(
   tmp_path, processor, caplog
 ):
@@ -380,14 +437,15 @@ def test_real_processor_truncation_keeps_final_token_and_skips_broken_image(
     batch_size=9,
     seq_lens=(40,),
     shuffle=False,
-    num_epochs=1,
+    num_epochs=2,
     min_checked=1000,
   )
-  (b,) = list(p)
+  (b,) = list(p)  # the second batch would need a third record of lane 4, past the end
   assert (p.seen, p.skipped) == (10, 1)
   assert f"{f}:5:" in caplog.text
   assert b["input_ids"].shape[1] == 40
-  good = [r for k, r in enumerate(recs) if k != 4]
+  # r4's lane (slot 4) takes its next record: the second epoch's r3
+  good = [recs[k] for k in (0, 1, 2, 3, 3, 5, 6, 7, 8)]
   for row, rec in enumerate(good):
     full = processor.encode(
       {"images": rec["images"], "question": rec["question"], "answer": rec["chosen"]},
@@ -521,3 +579,101 @@ def test_estimated_lengths_track_the_encoded_ones(tmp_path, processor):
     # the chat template's constant tokens, plus the vision start/end markers of each image
     offsets.append(max(r.length for r in rows) - int(est[k]) - 2 * len(pair["images"]))
   assert max(offsets) - min(offsets) <= 2, offsets
+
+
+# ------------------------------------------------------------------ lanes and processes
+
+
+def _global(pipes, k):
+  """k global batches from one pipeline per process: the pairs of each process's block, in order."""
+  out = []
+  for blocks in zip(*[_take(p, k) for p in pipes]):
+    out.append(
+      [
+        (int(r), float(s))
+        for b in blocks
+        for r, s in zip(b["rid"][: len(b["strength"])], b["strength"])
+      ]
+    )
+  return out
+
+
+def _procs(f, hosts, batch_size=4, **kw):
+  return [
+    _pipe(f, batch_size=batch_size, process_index=h, process_count=hosts, **kw)
+    for h in range(hosts)
+  ]
+
+
+def test_processes_encode_their_lanes_and_join_to_the_same_batches(tmp_path):
+  """With skipped records the global batches (blocks joined in process order) are the same on
+  1, 2 and 4 processes, and each process encodes only its lanes' records."""
+  f = _world(tmp_path, n=23, bad=[(5, "{not json"), (11, "[]"), (12, "{")])
+  (one,) = _procs(f, 1)
+  ref = _global([one], 9)  # into the second epoch
+  order = [np.random.default_rng([7, e]).permutation(23) for e in range(2)]
+  assert [[r for r, _ in b] for b in ref] == [
+    _lane_batch(order, {5, 11, 12}, 4, k) for k in range(9)
+  ]
+  assert one.seen == 36 + one.skipped and one.skipped >= 3  # the bad records, once per epoch
+  for hosts in (2, 4):
+    pipes = _procs(f, hosts)
+    assert _global(pipes, 9) == ref, hosts
+    # each process reads its own lanes' records only, plus what it reads ahead: the prefetched
+    # batches, one in each stage, and the parallel encoder's calls in flight
+    assert sum(p.seen for p in pipes) == one.seen
+    assert sum(p.skipped for p in pipes) == one.skipped
+    for p in pipes:
+      ahead = (p.prefetch + 3) * p.local_batch + p.num_parallel_calls
+      assert p.seen <= 36 // hosts + one.skipped and p.encoded <= p.seen + ahead, hosts
+
+
+def test_a_state_merged_from_two_processes_resumes_on_one_and_four(tmp_path):
+  f = _world(tmp_path, n=23, bad=[(5, "{not json"), (11, "[]"), (12, "{")])
+  two = _procs(f, 2)
+  head = _global(two, 4)
+  merged = pl.lanes_state(
+    {j: p for q in two for j, p in q.lane_positions().items()},
+    4,
+    23,
+    seen=sum(q.seen for q in two),
+    skipped=sum(q.skipped for q in two),
+    seed=7,
+  )
+  assert merged["lanes_ahead"]  # some lane ran ahead past a skipped record
+  assert merged["skipped"] >= 1 and merged["seen"] == 16 + merged["skipped"]
+  merged = json.loads(json.dumps(merged))
+  one = _procs(f, 1)
+  whole = _global(one, 7)
+  assert whole[:4] == head
+  for hosts in (1, 4):
+    pipes = _procs(f, hosts)
+    for p in pipes:
+      p.set_state(merged)
+    assert _global(pipes, 3) == whole[4:], hosts
+  (p,) = _procs(f, 1)
+  p.set_state(merged)
+  assert (p.seen, p.skipped) == (merged["seen"], merged["skipped"])
+
+
+def test_another_batch_size_resumes_only_an_aligned_state(tmp_path):
+  f = _world(tmp_path, n=23)
+  (p,) = _procs(f, 1)
+  _take(p, 2)
+  state = p.get_state()
+  assert state["lanes_ahead"] == {} and (state["epoch"], state["position"]) == (0, 8)
+  (q,) = _procs(f, 1, batch_size=2)
+  q.set_state(state)  # the stream continues at record 8 of the epoch, in batches of 2
+  order = np.random.default_rng([7, 0]).permutation(23)
+  np.testing.assert_array_equal(next(q)["rid"][:2], order[8:10])
+  state["lanes_ahead"] = {"1": 1}
+  with pytest.raises(UserError, match="saved with batch size 4, this run has 2"):
+    q.set_state(state)
+
+
+def test_a_lane_of_unusable_records_stops_the_run(tmp_path):
+  """Nothing but broken records: no batch is ever complete, so the skip rate (checked per batch)
+  would never be; the lane that meets 100 in a row stops the run."""
+  f = _world(tmp_path, n=5, bad=[(i, "{") for i in range(5)])
+  with pytest.raises(UserError, match="100 records in a row could not be used"):
+    next(_pipe(f, batch_size=2, min_checked=10))

@@ -8,6 +8,7 @@ Each run is a subprocess with its own fake CPU device count. The reference is on
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -243,40 +244,145 @@ def test_the_unshared_layout_trains_to_the_same_losses(reference, world):
     np.testing.assert_allclose(e_got[k], e_ref[k], atol=1e-5, err_msg=k)
 
 
-def test_two_processes_via_launch_local_match_one_process(reference, world):
-  """launch/local.sh starts 2 processes x 2 CPU devices joined by jax.distributed on loopback; they
-  must
-  train to the losses of 1 process x 4 devices."""
-  wd, logs = world / "two_proc", world / "two_proc_logs"
-  r = subprocess.run(
+def launch(world: Path, command: list[str], logs: Path, processes: int, devices: int, env=None):
+  """`command` as `processes` local processes of `devices` CPU devices each (launch/local.sh)."""
+  return subprocess.run(
     [
       "bash",
       str(REPO / "launch" / "local.sh"),
       "-n",
-      "2",
+      str(processes),
       "-d",
-      "2",
+      str(devices),
       "-p",
       str(free_port()),
       "-l",
       str(logs),
       "--",
-      *train_command(world, wd),
+      *command,
     ],
-    env=train_env(world, 2),
+    env=train_env(world, devices, env),
     cwd=world,
     capture_output=True,
     text=True,
     timeout=600,
   )
-  assert r.returncode == 0, r.stderr + "".join(f.read_text() for f in sorted(logs.glob("*.log")))
-  assert sorted(f.name for f in logs.iterdir()) == ["process-0.log", "process-1.log"]
-  ref, got = train_losses(reference), train_losses(wd)
+
+
+def logs_text(logs: Path) -> str:
+  return "".join(f.read_text() for f in sorted(logs.glob("*.log")))
+
+
+def encoded_pairs(logs: Path) -> dict[int, int]:
+  """`input: process I encoded K pairs`, the line each process logs at the end of a run."""
+  return {
+    int(m[1]): int(m[2])
+    for m in re.finditer(r"input: process (\d+) encoded (\d+) pairs", logs_text(logs))
+  }
+
+
+def eval_metrics(workdir: Path) -> list[dict]:
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(x) for x in lines if json.loads(x).get("split") == "eval"]
+
+
+def assert_same_losses(got: dict, ref: dict) -> None:
   assert sorted(got) == sorted(ref)
   np.testing.assert_allclose(
-    [got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], atol=1e-5, rtol=0
+    [got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], atol=1e-5
   )
+
+
+@pytest.fixture(scope="module")
+def two_processes(world):
+  """The reference run on 2 processes x 2 CPU devices (launch/local.sh, jax.distributed on
+  loopback): (workdir, logs)."""
+  wd, logs = world / "two_proc", world / "two_proc_logs"
+  r = launch(world, train_command(world, wd), logs, 2, 2)
+  assert r.returncode == 0, r.stderr + logs_text(logs)
+  return wd, logs
+
+
+def test_two_processes_via_launch_local_match_one_process(reference, two_processes):
+  """Two processes must train to the losses and evaluation of 1 process x 4 devices, each
+  encoding only its half of the pairs (6 steps of 4 pairs, then the 6 evaluation pairs)."""
+  wd, logs = two_processes
+  assert sorted(f.name for f in logs.iterdir()) == ["process-0.log", "process-1.log"]
+  assert_same_losses(train_losses(wd), train_losses(reference))
+  (e_ref,), (e_got,) = eval_metrics(reference), eval_metrics(wd)
+  assert e_got["count"] == e_ref["count"] == 6
+  for k in ("loss", "accuracy", "reward_margin"):
+    np.testing.assert_allclose(e_got[k], e_ref[k], atol=1e-5, err_msg=k)
   assert json.loads((wd / "manifest.json").read_text())["devices"]["processes"] == 2
+  # training: 12 pairs each; evaluation: batches of 4 pairs, the second half empty: 4 and 2
+  assert encoded_pairs(logs) == {0: 12 + 4, 1: 12 + 2}
+
+
+def test_two_process_run_killed_resumes_on_four_processes(reference, world, tmp_path):
+  """A run on 2 processes x 2 devices, SIGKILLed right after step 5 (its step-4 checkpoint
+  committed), resumes on 4 processes of one device each: they train on from step 4 to the losses
+  of the uninterrupted single-process run, each encoding a quarter of the pairs. (Evaluation is
+  off: the two-process run above checks its split.)"""
+  wd = tmp_path / "two_then_four"
+  command = train_command(world, wd, extra={"data.eval": ""})
+  logs = tmp_path / "logs_two"
+  r = launch(world, command, logs, 2, 2, env={"MRM_JAX_FAULT_KILL_AT_STEP": "5"})
+  assert r.returncode != 0 and "failed" in r.stderr, r.stderr + logs_text(logs)
+  assert sorted(train_losses(wd)) == [1, 2, 3, 4, 5]
+  assert "6" not in os.listdir(wd / "checkpoints")
+  logs = tmp_path / "logs_four"
+  r = launch(world, command, logs, 4, 1)
+  assert r.returncode == 0, r.stderr + logs_text(logs)
+  assert "at step 4" in logs_text(logs)
+  assert_same_losses(train_losses(wd), train_losses(reference))
+  # steps 5 and 6: 4 pairs each, one per process and step
+  assert encoded_pairs(logs) == {0: 2, 1: 2, 2: 2, 3: 2}
+
+
+def test_scoring_on_two_processes_writes_what_one_process_writes(reference, world, tmp_path):
+  """`mrm-jax score` on 2 processes x 1 device (each encodes the records of its own sub-batches)
+  writes the bytes 1 process x 2 devices writes: the same sub-batches, padded to the same shapes."""
+  pairs = [json.loads(line) for line in (world / "eval.jsonl").read_text().splitlines()]
+  records = [
+    {"id": f"{p['id']}:{k}", "images": p["images"], "question": p["question"], "answer": p[k]}
+    for p in pairs
+    for k in ("chosen", "rejected")
+  ]
+  records[3]["question"] = "<image>" + "Look closely. " * 6 + "What colour is the square?"
+  (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+  def command(out: str) -> list[str]:
+    return [
+      sys.executable,
+      "-m",
+      "mrm_jax.cli",
+      "score",
+      "--model",
+      str(reference),
+      "--input",
+      str(tmp_path / "records.jsonl"),
+      "--image-root",
+      str(world),
+      "--output",
+      str(tmp_path / out),
+      "--batch-size",
+      "4",
+      "--chunk-size",
+      "8",
+    ]
+
+  one = subprocess.run(
+    command("one.jsonl"), env=train_env(world, 2), cwd=world, capture_output=True, text=True
+  )
+  assert one.returncode == 0, one.stderr
+  logs = tmp_path / "logs"
+  two = launch(world, command("two.jsonl"), logs, 2, 1)
+  assert two.returncode == 0, two.stderr + logs_text(logs)
+  assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+  assert len((tmp_path / "one.jsonl").read_text().splitlines()) == len(records)
+  # 12 records in steps of 4, 2 per process and step
+  found = re.findall(r"input: process (\d) encoded (\d+) records", logs_text(logs))
+  assert sorted(found) == [("0", "6"), ("1", "6")]
 
 
 SLURM_PROBE = """

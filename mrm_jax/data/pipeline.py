@@ -2,16 +2,24 @@
 
 Order. Epoch e visits the N records in the order `permutation(N)` drawn by numpy from
 `(seed, e)` (or file order with `shuffle=False`), grouped by length when asked
-(`mrm_jax.data.ordering`). Host h of H takes every H-th entry of that
-order, `order[h::H]`: the hosts' shards are disjoint and together cover the data, whatever N.
-Each host walks its shard and cuts batches of `batch_size // H` pairs; batches run on across
-epoch boundaries (so every host always has a next batch: multi-host steps stay in lockstep).
+(`mrm_jax.data.ordering`). The epochs follow each other in one global stream (position
+g = e·N + i), cut into global batches of B = `batch_size` pairs that run on across epoch boundaries.
 
-State. The iterator state is `{"epoch", "position"}`: the next entry of the host's shard to
-read. Because records are skipped *before* batching and a batch is exactly the next
-`batch_size // H` good records, the batches after a state depend on that state alone:
-`set_state(s)` replays exactly the batches an uninterrupted run would have produced next.
-(Positions are per host; the trainer checkpoints each host's state.)
+Lanes. Slot j of every global batch is filled from lane j, the stream positions j, j+B, j+2B, ...:
+the next good record of the lane (a skipped record makes its lane take the lane's next one, so
+the lane runs one batch ahead from then on). Without skips, batch k is exactly stream positions
+[kB, (k+1)B), the records of one length group. Process h of H fills the lanes
+[h·B/H, (h+1)·B/H) and encodes only their records: the global batch, the concatenation of the
+processes' blocks, is the same for every H, skips included, because a lane never depends on
+another lane's records.
+
+State. The iterator state is the stream position of each lane's next record, saved as
+`{"epoch", "position"}` where the least advanced lanes stand (lane j's next record is then at
+e·N + position + j) plus `"lanes_ahead"`, `{lane: batches}` for the lanes that skipped more records
+and so run ahead (usually empty). It names global positions, so a state saved on H processes
+restores on any other number (the trainer merges the processes' lanes, `lanes_state`);
+`set_state(s)` replays exactly the batches an uninterrupted run would have produced next. A state
+with no lane ahead also restores with another batch size (the stream continues at its position).
 
 Work. tf.data runs the model's numpy `encode` over the index stream with a parallel,
 deterministic `map`, drops the records that failed, batches, and `collate`s each batch to the
@@ -19,21 +27,26 @@ smallest configured sequence length (and vision-patch budget) that fits, then pr
 numpy objects themselves never enter the TF graph: workers park them in a keyed table and only
 the keys flow through tf.data, so the pipeline works for any example/batch structure the model
 uses. Chosen and rejected are rows i and B+i of a batch, or both in row i in the shared-prompt
-layout (mrm_jax/models/pair_layout.py); `strength` (default 0) rides along.
+layout (mrm_jax/models/pair_layout.py); `strength` (default 0) rides along. Between the parallel
+`encode` and `collate` a sequential stage deals the encoded records to their lanes and emits a
+batch's records once every lane has its next one.
 
 Bad input. A record whose JSON is broken, that lacks a field, has an empty response, names an
 image outside the image root, or whose image cannot be decoded is skipped, counted, and logged
 once with its file:line. Once `min_checked` records have been read, a skip rate above
-`max_skip_rate` stops the run with a UserError.
+`max_skip_rate` stops the run with a UserError (with several processes the trainer checks the
+rate over all of them, `check_skip_rate`, since none sees the others' records).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,45 +264,107 @@ class PairPipeline:
     self._it = None
 
   # ------------------------------------------------------------------ order and state
-  def shard(self, epoch: int) -> np.ndarray:
-    """The record indices this host reads in `epoch`, in order."""
-    order = epoch_order(
+  # Stream position of the next record of each of this process's lanes, created at the first use
+  # (lanes j start at position j).
+  _next: np.ndarray | None = None
+  # Records this process has encoded (read-ahead included): what its share of the work was; and
+  # `seen` when this run's reading started (a restored count).
+  encoded = 0
+  _seen_at_start = 0
+
+  @property
+  def global_batch(self) -> int:
+    return self.local_batch * self.process_count
+
+  @property
+  def lanes(self) -> range:
+    """The slots of the global batch this process fills: lane j is slot j of every batch."""
+    first = self.process_index * self.local_batch
+    return range(first, first + self.local_batch)
+
+  def set_process(self, index: int, count: int) -> None:
+    """Makes this pipeline process `index` of `count` (its lanes: the block of the global batch it
+    fills), at the stream's start: call it before `set_state`."""
+    if self.global_batch % count:
+      raise UserError(
+        f"batch size {self.global_batch} is not divisible by the number of blocks {count}"
+      )
+    if not 0 <= index < count:
+      raise ValueError(f"process_index {index} not in [0, {count})")
+    self.local_batch = self.global_batch // count
+    self.process_index, self.process_count = index, count
+    self._next = None
+    self._reset()
+
+  def _positions(self) -> np.ndarray:
+    if self._next is None:
+      self._next = np.asarray(self.lanes, np.int64)
+    return self._next
+
+  def order(self, epoch: int) -> np.ndarray:
+    """The record indices of `epoch` in reading order (stream positions e·N .. e·N + N-1)."""
+    return epoch_order(
       len(self.entries),
       seed=self.seed,
       epoch=epoch,
       shuffle=self.shuffle,
       lengths=self.lengths,
-      batch_size=self.local_batch * self.process_count,
+      batch_size=self.global_batch,
       group_batches=self.group_batches,
     )
-    return order[self.process_index :: self.process_count]
+
+  def shard(self, epoch: int) -> np.ndarray:
+    """The record indices of `epoch` on this process's lanes, in order: what it reads of the
+    epoch when no record is skipped."""
+    n, b = len(self.entries), self.global_batch
+    mine = np.isin((epoch * n + np.arange(n)) % b, self._positions() % b)
+    return self.order(epoch)[mine]
+
+  def lane_positions(self) -> dict[int, int]:
+    """`{lane: stream position of its next record}` for this process's lanes."""
+    return {j: int(p) for j, p in zip(self.lanes, self._positions())}
 
   def get_state(self) -> dict:
-    return {
-      "epoch": self._epoch,
-      "position": self._position,
-      "seen": self.seen,
-      "skipped": self.skipped,
-      "seed": self.seed,
-      "process_index": self.process_index,
-      "process_count": self.process_count,
-    }
+    """The iterator state (JSON). With several processes it covers this process's lanes only:
+    the trainer merges every process's `lane_positions` with `lanes_state`."""
+    return lanes_state(
+      self.lane_positions(),
+      self.global_batch,
+      len(self.entries),
+      seen=self.seen,
+      skipped=self.skipped,
+      seed=self.seed,
+    )
 
   def set_state(self, state: dict) -> None:
-    for key in ("seed", "process_index", "process_count"):
-      if key in state and state[key] != getattr(self, key):
-        raise UserError(
-          f"data iterator state was saved with {key}={state[key]}, "
-          f"this run has {key}={getattr(self, key)}"
-        )
-    epoch, position = int(state["epoch"]), int(state["position"])
-    if not 0 <= position <= self.shard_len:
+    """Continues from `state` (this or any other process count's, see the module docstring)."""
+    if "seed" in state and state["seed"] != self.seed:
       raise UserError(
-        f"data iterator position {position} is outside this host's shard ({self.shard_len})"
+        f"data iterator state was saved with seed={state['seed']}, this run has seed={self.seed}"
       )
-    self._epoch, self._position = epoch, position
-    self.seen, self.skipped = int(state.get("seen", 0)), int(state.get("skipped", 0))
+    positions = state_positions(state, self.global_batch, len(self.entries))
+    self._next = positions[self.lanes.start : self.lanes.stop].copy()
+    # the counts are global: one process keeps them, several leave them to the trainer
+    whole = self.process_count == 1
+    self.seen = int(state.get("seen", 0)) if whole else 0
+    self.skipped = int(state.get("skipped", 0)) if whole else 0
+    self._seen_at_start = self.seen
     self._reset()
+
+  @property
+  def read_ahead(self) -> int:
+    """Records encoded but not (yet) part of a delivered batch: prefetched, or in flight."""
+    return self.encoded - (self.seen - self._seen_at_start)
+
+  def check_skip_rate(self, seen: int, skipped: int) -> None:
+    """UserError once `seen` >= `min_checked` records were read and more than `max_skip_rate` of
+    them were skipped."""
+    if seen >= self.min_checked and skipped > self.max_skip_rate * seen:
+      raise UserError(
+        f"{skipped} of {seen} records could not be used "
+        f"({skipped / seen:.1%} > max_skip_rate {self.max_skip_rate:.1%}); "
+        "see the warnings above for file:line of each"
+      )
 
   def _reset(self):
     self._it = None
@@ -344,17 +419,23 @@ class PairPipeline:
     offset = int(epoch) * self.shard_len + int(position)
     return np.int64(self._park((offset, examples, float(pair.get("strength") or 0.0))))
 
-  def _collate(self, keys) -> np.int64:
-    items = [self._take(k) for k in keys]
-    failures = [it for it in items if isinstance(it, _Failure)]
-    if failures:
-      return np.int64(self._park(failures[0]))
+  def _encode_counted(self, epoch, position, index) -> np.int64:
+    with self._lock:
+      self.encoded += 1
+    return self._encode(epoch, position, index)
+
+  def _collate_group(self, key) -> np.int64:
+    """tf.data worker: a parked `_LaneGroup` → parked (lane positions after it, batch)."""
+    group = self._take(key)
+    if isinstance(group, _Failure):
+      return np.int64(self._park(group))
     try:
-      return np.int64(self._park(self._collate_items(items)))
+      _, batch = self._collate_items(group.items)
     except (
       Exception
     ) as e:  # raised in the consumer's thread, where the CLI turns UserError into one line
       return np.int64(self._park(_Failure(e)))
+    return np.int64(self._park((group.after, batch)))
 
   def _count_unshared(self, entry: Entry) -> None:
     with self._lock:
@@ -390,29 +471,41 @@ class PairPipeline:
     batch["strength"] = np.asarray([it[2] for it in items], np.float32)
     return items[-1][0], batch
 
-  def _index_stream(self, epoch: int, position: int):
-    while self.num_epochs is None or epoch < self.num_epochs:
-      shard = self.shard(epoch)
-      for pos in range(position, len(shard)):
-        yield epoch, pos, shard[pos]
-      epoch, position = epoch + 1, 0
+  def _index_stream(self, start: np.ndarray):
+    """(epoch, stream position, record index) of the local lanes' records, one per lane in turn,
+    each lane from its own next position; with `num_epochs`, until a lane runs out."""
+    n, b = len(self.entries), self.global_batch
+    end = None if self.num_epochs is None else self.num_epochs * n
+    orders: dict[int, np.ndarray] = {}
+    for r in itertools.count():
+      positions = [int(p) + r * b for p in start]
+      orders = {e: orders[e] if e in orders else self.order(e) for e in {g // n for g in positions}}
+      for g in positions:
+        if end is not None and g >= end:
+          return
+        yield g // n, g, orders[g // n][g % n]
 
   def _dataset(self):
     import tensorflow as tf  # noqa: PLC0415 - optional: the accelerator box has no TensorFlow
 
-    start = (self._epoch, self._position)
+    start = self._positions().copy()
+    deal = _LaneAssembler(self, start)  # one per dataset: a replaced iterator keeps its own
     ds = tf.data.Dataset.from_generator(
-      lambda: self._index_stream(*start), output_signature=(tf.TensorSpec((), tf.int64),) * 3
+      lambda: self._index_stream(start), output_signature=(tf.TensorSpec((), tf.int64),) * 3
     )
     ds = ds.map(
-      lambda e, p, i: tf.numpy_function(self._encode, [e, p, i], tf.int64, stateful=True),
+      lambda e, g, i: (
+        tf.numpy_function(self._encode_counted, [e, g, i], tf.int64, stateful=True),
+        g,
+      ),
       num_parallel_calls=self.num_parallel_calls,
       deterministic=True,
     )
+    # sequential, in stream order: the lanes' queues are filled in the order records come
+    ds = ds.map(lambda k, g: tf.numpy_function(deal, [k, g], tf.int64, stateful=True))
     ds = ds.filter(lambda k: k >= 0)
-    ds = ds.batch(self.local_batch, drop_remainder=True)
     ds = ds.map(
-      lambda ks: tf.numpy_function(self._collate, [ks], tf.int64, stateful=True),
+      lambda k: tf.numpy_function(self._collate_group, [k], tf.int64, stateful=True),
       num_parallel_calls=max(1, self.num_parallel_calls // 2),
       deterministic=True,
     )
@@ -441,18 +534,106 @@ class PairPipeline:
     if isinstance(item, _Failure):
       self._reset()
       raise item.error
-    last_offset, batch = item
-    consumed = last_offset + 1 - (self._epoch * self.shard_len + self._position)
+    after, batch = item
+    # records the lanes went through for this batch: the used ones and those skipped before them
+    consumed = int(((after - self._positions()) // self.global_batch).sum())
     self.seen += consumed
     self.skipped += consumed - self.local_batch
-    self._epoch, self._position = divmod(last_offset + 1, self.shard_len)
-    if self.seen >= self.min_checked and self.skipped > self.max_skip_rate * self.seen:
-      raise UserError(
-        f"{self.skipped} of {self.seen} records could not be used "
-        f"({self.skipped / self.seen:.1%} > max_skip_rate {self.max_skip_rate:.1%}); "
-        "see the warnings above for file:line of each"
-      )
+    self._next = after
+    if self.process_count == 1:
+      self.check_skip_rate(self.seen, self.skipped)
     return batch
+
+
+@dataclasses.dataclass
+class _LaneGroup:
+  """The records of one batch, in lane order, and each lane's next stream position after it."""
+
+  after: np.ndarray
+  items: list
+
+
+class _LaneAssembler:
+  """The sequential tf.data stage between `encode` and `collate`: takes (parked record or -1,
+  stream position) in stream order, queues each good record in its lane, and parks a
+  `_LaneGroup` (returning its key, else -1) whenever every local lane has a record queued.
+
+  A lane that meets nothing but unusable records would hold every batch back forever (the skip
+  rate is checked when a batch is delivered): after `max(min_checked, 100)` of them in a row it
+  stops the run instead."""
+
+  def __init__(self, pipe: PairPipeline, start: np.ndarray):
+    self.pipe, self.batch = pipe, pipe.global_batch
+    self.lane_of = {int(p) % self.batch: i for i, p in enumerate(start)}
+    self.queues: list[collections.deque] = [collections.deque() for _ in range(len(start))]
+    self.bad_run = [0] * len(start)  # unusable records in a row, per lane
+    self.limit = max(pipe.min_checked, 100)
+
+  def __call__(self, key, position) -> np.int64:
+    key, position = int(key), int(position)
+    lane = self.lane_of[position % self.batch]
+    if key < 0:
+      self.bad_run[lane] += 1
+      if self.bad_run[lane] >= self.limit:
+        stuck = UserError(
+          f"{self.bad_run[lane]} records in a row could not be used (slot "
+          f"{self.pipe.lanes.start + lane} of every batch reads every {self.batch}th record); "
+          "see the warnings above for file:line of each"
+        )
+        return np.int64(self.pipe._park(_Failure(stuck)))
+    else:
+      item = self.pipe._take(key)
+      if isinstance(item, _Failure):
+        return np.int64(self.pipe._park(item))
+      self.bad_run[lane] = 0
+      self.queues[lane].append((position, item))
+    if not all(self.queues):
+      return np.int64(-1)
+    heads = [q.popleft() for q in self.queues]
+    after = np.asarray([p + self.batch for p, _ in heads], np.int64)
+    return np.int64(self.pipe._park(_LaneGroup(after, [it for _, it in heads])))
+
+
+def lanes_state(positions: Mapping[int, int], batch_size: int, n: int, **extra) -> dict:
+  """The JSON iterator state of lanes at `positions` (`{lane: stream position of its next
+  record}`, see the module docstring); `extra` (counts, seed) is stored alongside."""
+  base = min(int(p) - int(j) for j, p in positions.items())
+  epoch, position = divmod(base, n)
+  ahead = {
+    str(j): (int(p) - int(j) - base) // batch_size
+    for j, p in sorted(positions.items())
+    if int(p) - int(j) != base
+  }
+  return {
+    "epoch": int(epoch),
+    "position": int(position),
+    "batch_size": int(batch_size),
+    "lanes_ahead": ahead,
+    **extra,
+  }
+
+
+def state_positions(state: Mapping, batch_size: int, n: int) -> np.ndarray:
+  """Stream position of every lane's next record, `[batch_size]`, from an iterator state
+  (`lanes_state`'s, or the older single-process `{"epoch", "position"}`)."""
+  if int(state.get("process_count", 1)) != 1 and "lanes_ahead" not in state:
+    raise UserError(
+      "data iterator state was saved per host by an older version "
+      f"(process_count={state['process_count']}); it cannot be resumed"
+    )
+  epoch, position = int(state["epoch"]), int(state["position"])
+  if not 0 <= position <= n:
+    raise UserError(f"data iterator position {position} is outside the data ({n} records)")
+  ahead = {int(j): int(d) for j, d in (state.get("lanes_ahead") or {}).items()}
+  saved = int(state.get("batch_size", batch_size))
+  if ahead and saved != batch_size:
+    raise UserError(
+      f"data iterator state was saved with batch size {saved}, this run has {batch_size} (and "
+      "some lanes of the saved batches ran ahead): resume with the same train.batch_size / "
+      "grad_accum"
+    )
+  lag = np.asarray([ahead.get(j, 0) for j in range(batch_size)], np.int64)
+  return epoch * n + position + np.arange(batch_size, dtype=np.int64) + batch_size * lag
 
 
 def from_processor(

@@ -5,13 +5,14 @@ atomically at the end. A missing image or one outside the image root stops the r
 naming the record (file:line).
 
 Scoring is sharded over all devices of all processes (every process reads the whole input and
-scores the same global batches; see mrm_jax.evaluate.scoring); identical records (same images,
-system, question and answer) are scored once. Scores are streamed, in input order, to a progress
-log `OUTPUT.progress` one chunk at a time (each line fsynced); a killed run started again with the
-same command resumes after the last finished chunk and writes an output identical to an
-uninterrupted run's. The log starts with the settings that determine the scores (model, dtype, max
-length, pixels, image root); a log written with other settings, or for other records, is not
-reused. It is deleted once the output is written.
+walks the same global batches, but encodes only its own devices' records; see
+mrm_jax.evaluate.scoring); the output does not depend on the number of processes. Identical
+records (same images, system, question and answer) are scored once. Scores are streamed, in input
+order, to a progress log `OUTPUT.progress` one chunk at a time (each line fsynced); a killed run
+started again with the same command resumes after the last finished chunk and writes an output
+identical to an uninterrupted run's. The log starts with the settings that determine the scores
+(model, dtype, max length, pixels, image root); a log written with other settings, or for other
+records, is not reused. It is deleted once the output is written.
 """
 
 from __future__ import annotations

@@ -2,19 +2,26 @@
 curation call it).
 
 Records are deduplicated (identical images / videos / system / question / answer are encoded and
-scored once), encoded on the host, sorted by length so each batch pads little, and padded to a few
-static shapes (sequence length and patch budget rounded up to buckets, so jit compiles a handful
-of programs). A step's global batch is split into one sub-batch per data shard of the mesh; each
-sub-batch is collated on its own (its own vision patches and host-computed indices), the stack of
-them is laid out one sub-batch per device, and a jitted `vmap` of the model runs them, so every
-device encodes its own images and texts: the vision tower is data-parallel too, not replicated.
-Parameters are replicated (or sharded by `mrm_jax.train.sharding`'s rules on a mesh with fsdp /
-tensor axes); rewards come back fully replicated, so every process holds every score.
+scored once), sorted by their estimated length (text tokens plus each image's tokens from its
+header, `estimate_records`: known before any image is decoded) so each batch pads little, encoded
+on the host, and padded to a few static shapes (sequence length and patch budget rounded up to
+buckets, so jit compiles a handful of programs). A step's global batch is split into one sub-batch
+per data shard of the mesh; each sub-batch is collated on its own (its own vision patches and
+host-computed indices), the stack of them is laid out one sub-batch per device, and a jitted
+`vmap` of the model runs them, so every device encodes its own images and texts: the vision tower
+is data-parallel too, not replicated. Parameters are replicated (or sharded by
+`mrm_jax.train.sharding`'s rules on a mesh with fsdp / tensor axes); rewards come back fully
+replicated, so every process holds every score.
 
 Multi-host: with `devices=jax.devices()` (what `mrm-jax score` passes) every process must call
-with the same records; each encodes the whole chunk (the same global order everywhere) but
-collates and transfers only the sub-batches of its own devices. The default is this process's
-local devices, so callers that hand each process different records (curation) stay independent.
+with the same records. Each computes the same order (from the estimates) but encodes and collates
+only the records of its own devices' sub-batches; once per step the processes exchange what their
+sub-batches need (longest row, patches, attention layout sizes; one small allgather on the main
+thread) and pad to the common shapes, so every device computes what it would in one process and
+the scores are identical at any process count. The same exchange carries a failure flag: a record
+that cannot be encoded stops every process, not only the one that read it. The default is this
+process's local devices, so callers that hand each process different records (curation) stay
+independent.
 """
 
 from __future__ import annotations
@@ -29,14 +36,17 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mrm_jax.data.records import normalize_scoring
+from mrm_jax.data.records import normalize_scoring, resolve_image
+from mrm_jax.errors import UserError
 from mrm_jax.io import iter_jsonl
 from mrm_jax.models import vision_layout
 from mrm_jax.models.processor import Encoded
 from mrm_jax.train import sharding as shd
+from mrm_jax.train.data import image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +176,7 @@ def iter_score_chunks(
     unit="rec",
     disable=not progress or jax.process_index() != 0,
   )
+  done = 0  # records this process encoded
   for c0 in range(start, len(records), chunk):
     idx = range(c0, min(c0 + chunk, len(records)))
     keys = [scoring_key(records[i]) for i in idx]
@@ -174,16 +185,25 @@ def iter_score_chunks(
       if k not in known and k not in todo:
         todo[k] = i
     mult = Counter(keys)
-    encoded = {
-      k: processor.encode(records[i], image_root, max_len, where(i)) for k, i in todo.items()
-    }
-    order = sorted(
-      todo, key=lambda k: (encoded[k].length, encoded[k].num_patches)
-    )  # stable: ties in input order
+    estimates = estimate_records(processor, [records[i] for i in todo.values()], image_root)
+    size = dict(zip(todo, estimates))
+    order = sorted(todo, key=size.__getitem__)  # stable: ties in input order
+    steps = [order[s0 : s0 + rows] for s0 in range(0, len(order), rows)]
+    # the records of this process's sub-batches, encoded in input order
+    mine = {k for step in steps for j in runner.local for k in step[j * per_shard :][:per_shard]}
+    encoded, error = {}, None
+    try:
+      for k, i in todo.items():
+        if k in mine:
+          encoded[k] = processor.encode(records[i], image_root, max_len, where(i))
+          done += 1
+    except Exception as e:  # noqa: BLE001 - the other processes must hear of it first
+      if not runner.shared:
+        raise
+      error = e
     shown = 0
-    for s0 in range(0, len(order), rows):
-      step = order[s0 : s0 + rows]
-      rewards = runner(processor, [encoded[k] for k in step], per_shard, seq_bucket, patch_bucket)
+    for step in steps:
+      rewards = runner(processor, step, encoded, per_shard, seq_bucket, patch_bucket, error)
       for k, r in zip(step, rewards):
         known[k] = float(r)
       n = sum(mult[k] for k in step)
@@ -193,6 +213,38 @@ def iter_score_chunks(
     encoded.clear()  # host memory: one chunk at a time
     yield c0, [known[k] for k in keys]
   bar.close()
+  log.info("input: process %d encoded %d records", jax.process_index(), done)
+
+
+def estimate_records(processor, records: Sequence[dict], image_root) -> list[tuple[int, int]]:
+  """(tokens, vision tokens) each scoring record will encode to, up to the chat template's few
+  constant tokens: its text's tokens plus each image's (video frame's) from its header. An image
+  that cannot be read counts 0 (`encode` names the record when it reaches it). Every process
+  computes the same, so it orders the records before any image is decoded."""
+  if not records:
+    return []
+  texts = ["".join(str(r.get(k) or "") for k in ("system", "question", "answer")) for r in records]
+  ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+  video_tp = int(processor.video_settings.get("temporal_patch_size", 1) or 1)
+
+  def tokens(path, settings) -> int:
+    try:
+      return image_tokens(resolve_image(path, image_root), settings)
+    except (OSError, ValueError, UserError):
+      return 0
+
+  out = []
+  for record, text in zip(records, ids):
+    images = record.get("images") or []
+    vision = sum(
+      tokens(p, processor.image_settings) for p in ([images] if isinstance(images, str) else images)
+    )
+    for frames in record.get("videos") or []:
+      if frames:
+        per = tokens(frames[0], processor.video_settings)
+        vision += per * -(-len(frames) // video_tp)
+    out.append((len(text) + vision, vision))
+  return out
 
 
 class _Runner:
@@ -209,19 +261,34 @@ class _Runner:
     self.sharding = NamedSharding(mesh, shd.batch_spec((self.shards,), mesh))
     index_map = self.sharding.addressable_devices_indices_map((self.shards,))
     self.local = sorted({j for idx in index_map.values() for j in range(self.shards)[idx[0]]})
+    # other processes feed some of the sub-batches: shapes (and failures) are agreed each step
+    self.shared = len(self.local) < self.shards
 
   def __call__(
-    self, processor, exs: list, per_shard: int, seq_bucket: int, patch_bucket: int
+    self,
+    processor,
+    step: list,
+    encoded: dict,
+    per_shard: int,
+    seq_bucket: int,
+    patch_bucket: int,
+    error: BaseException | None = None,
   ) -> np.ndarray:
+    """Rewards of the records `step` (keys of `encoded`, which holds at least this process's
+    sub-batches' records); `error`: this process failed to encode them."""
     unit = processor.config.merge_size**2
-    subs = [exs[j * per_shard : (j + 1) * per_shard] for j in range(self.shards)]
-    seq = _bucket(max(e.length for e in exs), seq_bucket)
-    most = max(sum(e.num_patches for e in sb) for sb in subs)
+    if error is None:
+      subs = {j: [encoded[k] for k in step[j * per_shard :][:per_shard]] for j in self.local}
+    needs = _needs(subs.values()) if error is None else (0, 0, {})
+    if self.shared:
+      needs = _agree_needs(*needs, error)
+    elif error is not None:
+      raise error
+    longest, most, layout = needs
+    seq = _bucket(longest, seq_bucket)
     budget = 0 if most == 0 else _bucket(most, max(patch_bucket, unit) // unit * unit)
     # rows padded to per_shard (empty rows) so every sub-batch has the same static shape
-    filler = _empty_like(processor, exs[0])
-    # one per-item attention layout shape for every sub-batch (they are stacked)
-    layout = vision_layout.common_sizes(vision_layout.batch_needs(sb) for sb in subs)
+    filler = _empty_like(processor)
     host = {
       j: processor.collate(
         subs[j] + [filler] * (per_shard - len(subs[j])),
@@ -243,18 +310,57 @@ class _Runner:
 
       batch[name] = jax.make_array_from_callback((self.shards,) + ref.shape, self.sharding, part)
     rewards = np.asarray(jax.device_get(self.forward(self.state, batch)))
-    return rewards.reshape(-1)[: len(exs)]
+    return rewards.reshape(-1)[: len(step)]
 
 
-def _empty_like(processor, example):
+def _needs(subs) -> tuple[int, int, dict]:
+  """(longest row, most patches of a sub-batch, per-item attention layout needs) of sub-batches."""
+  subs = list(subs)
+  longest = max((e.length for sb in subs for e in sb), default=1)
+  most = max((sum(e.num_patches for e in sb) for sb in subs), default=0)
+  # one per-item attention layout shape for every sub-batch (they are stacked)
+  layout = vision_layout.common_sizes(vision_layout.batch_needs(sb) for sb in subs)
+  return longest, most, layout
+
+
+_LAYOUT_NAMES = tuple(sorted(vision_layout.LAYOUTS))
+
+
+def _agree_needs(longest: int, most: int, layout: dict, error) -> tuple[int, int, dict]:
+  """The step's needs over every process's sub-batches (each process knows only its own): one
+  allgather; a process that failed to encode makes every process raise."""
+  mine = [int(error is not None), longest, most]
+  for name in _LAYOUT_NAMES:
+    rows, width = layout.get(name, (0, 0))
+    mine += [int(name in layout), rows, width]
+  got = multihost_utils.process_allgather(np.asarray(mine, np.int64))
+  bad = [p for p, row in enumerate(got) if row[0]]
+  if bad:
+    if error is not None:
+      raise error
+    raise UserError(
+      f"scoring stopped: process(es) {', '.join(map(str, bad))} could not encode their records "
+      "(see their logs)"
+    )
+  top = got.max(axis=0)
+  layout = {
+    name: (int(top[4 + 3 * n]), int(top[5 + 3 * n]))
+    for n, name in enumerate(_LAYOUT_NAMES)
+    if top[3 + 3 * n]
+  }
+  return int(top[1]), int(top[2]), layout
+
+
+def _empty_like(processor):
   """A one-token filler row (no vision) used to pad a batch to its static size."""
   dim = processor.config.vision.patch_dim
+  none = np.zeros((0, 3), np.int32)
   return Encoded(
     np.asarray([processor.pad_id], np.int32),
     np.zeros((3, 1), np.int32),
     np.zeros((0, dim), np.float32),
-    np.zeros((0, 3), np.int32),
-    {k: v[:0] for k, v in example.patch_arrays.items()},
+    none,
+    processor.family.vision_patch_arrays(none, processor.config),
   )
 
 

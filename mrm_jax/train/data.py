@@ -1,22 +1,36 @@
 """Data for training: the train pipeline built from the config, and exact evaluation batches.
 
-Training uses `mrm_jax.data.pipeline.PairPipeline` (deterministic, resumable). Every process
-runs it as if it were the only host and gets the same *global* batch (see loop.py), so its
-iterator state is identical everywhere and host-side vision indices stay valid.
+Training uses `mrm_jax.data.pipeline.PairPipeline` (deterministic, resumable). With several
+processes each one encodes only its block of every global batch (its devices' pairs, the
+pipeline's lanes; `mrm_jax.train.sharding.process_block` says which), and the loop joins the
+blocks on the devices (`sharding.join_blocks`). Blocks must have equal shapes, but each process
+picks its sequence bucket and patch budget from its own pairs: once per step the processes
+exchange their batch arrays' shapes (one small allgather on the main thread, `agree`) and pad to
+the largest (zeros are padding for every array, see `pad_to_common_shape`), then shift their
+host-computed indices to where their block lands (`sharding.offset_block`). The same exchange
+carries each process's skip counts (the skip rate is checked over all processes) and a failure
+flag, so an error in one process's input stops every process instead of leaving the others
+waiting in a collective. The iterator state is global (every lane's position), so a run
+resumes on any number of processes.
 
-Evaluation must see every pair exactly once, so it does not go through the training
-pipeline (whose batches are cut to a fixed size): records are encoded in file order, skipped
-ones are counted, and the last partial batch is padded by repeating its last pair with
-`pair_mask = 0`.
+Evaluation must see every pair exactly once, so it does not go through the training pipeline
+(whose batches are cut to a fixed size): batch k holds the records [kB, (k+1)B) of the file,
+each process encodes its block of them, and records that cannot be used, like the slots past
+the file's end, become padding pairs with `pair_mask = 0` (a usable pair of the block repeated,
+or the file's first when the block has none).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from mrm_jax.data import pipeline as pl
@@ -24,6 +38,7 @@ from mrm_jax.data.records import normalize_pair, pair_to_scoring, resolve_image
 from mrm_jax.errors import UserError
 from mrm_jax.models import hf_io
 from mrm_jax.models.processor import Processor, pair_share, smart_resize
+from mrm_jax.train import sharding as shd
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +95,7 @@ class TrainData:
     self.entries = _entries(cfg, cfg.data.train)
     micro = cfg.train.batch_size // max(1, cfg.train.grad_accum)
     self.micro_batch = micro
+    self.patch_unit = int(processor.config.merge_size) ** 2
     group = int(cfg.data.get("length_group", 0))
     lengths = None
     if group > 1:
@@ -119,14 +135,76 @@ class TrainData:
       ),
     )
 
+  # this process's block of the global batch, and the records read before a restore (several
+  # blocks: the pipeline counts only its own since then)
+  block = (0, 1)
+  _restored = (0, 0)
+
   def steps_per_epoch(self, grad_accum: int = 1) -> int:
     return max(1, len(self.entries) // (self.micro_batch * max(1, grad_accum)))
 
+  def set_block(self, index: int, count: int) -> None:
+    """From now on this process encodes only block `index` of `count` of every global batch
+    (call it before `set_state`)."""
+    if self.micro_batch % count:
+      raise UserError(
+        f"a micro-batch of {self.micro_batch} pairs cannot be split into {count} equal blocks "
+        "(one per process, or group of processes, along the mesh's batch axes)"
+      )
+    self.block = (int(index), int(count))
+    self.pipeline.set_process(*self.block)
+
   def get_state(self) -> dict:
-    return self.pipeline.get_state()
+    """The global iterator state (the same on every process; with several blocks every process
+    must call it: the lanes' positions are gathered)."""
+    index, count = self.block
+    if count == 1:
+      return self.pipeline.get_state()
+    p = self.pipeline
+    mine = np.asarray([index, p.seen, p.skipped, *p.lane_positions().values()], np.int64)
+    positions, seen, skipped = {}, *self._restored
+    for row in _unique_blocks(multihost_utils.process_allgather(mine)):
+      b = int(row[0])
+      seen, skipped = seen + int(row[1]), skipped + int(row[2])
+      positions.update({b * p.local_batch + t: int(q) for t, q in enumerate(row[3:])})
+    return pl.lanes_state(
+      positions, self.micro_batch, len(self.entries), seen=seen, skipped=skipped, seed=p.seed
+    )
 
   def set_state(self, state: dict) -> None:
     self.pipeline.set_state(state)
+    if self.block[1] > 1:
+      self._restored = (int(state.get("seen", 0)), int(state.get("skipped", 0)))
+
+  def assemble_step(
+    self,
+    parts: list[dict],
+    error: BaseException | None = None,
+    measure: Callable[[dict], tuple[int, int]] | None = None,
+  ) -> tuple[dict, tuple[int, int]]:
+    """This process's micro-batches of one step → (its block of the step batch, stacked on a
+    leading micro-batch axis; `measure(micro-batch)` (two numbers, e.g. tokens and vision
+    patches) summed over every micro-batch of every block). `error`: this process's input
+    failed; every process raises (see the module docstring)."""
+
+    def total(batches):
+      got = [measure(b) for b in batches] if measure else []
+      return tuple(int(sum(v)) for v in zip(*got)) if got else (0, 0)
+
+    index, count = self.block
+    if count == 1:
+      if error is not None:
+        raise error
+      return stack_micro(parts), total(parts)
+    p = self.pipeline
+    mine = (0, 0) if error is not None else total(parts)
+    parts, rows = agree(parts, error, [index, p.seen, p.skipped, *mine])
+    rows = _unique_blocks(rows)
+    p.check_skip_rate(
+      self._restored[0] + int(rows[:, 1].sum()), self._restored[1] + int(rows[:, 2].sum())
+    )
+    host = stack_micro([shd.offset_block(b, index, self.patch_unit) for b in parts])
+    return host, (int(rows[:, 3].sum()), int(rows[:, 4].sum()))
 
   def __iter__(self):
     return self.pipeline
@@ -135,12 +213,19 @@ class TrainData:
     self.pipeline.close()
 
 
-def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
+def eval_batches(
+  cfg, processor, spec: str | None = None, block: tuple[int, int] = (0, 1)
+) -> Iterator[dict]:
   """Every good pair of `data.eval` once, in file order, in batches of `train.batch_size` pairs
-  (rounded to the static shapes of `seq_lens` / patch budgets) with a `pair_mask`."""
+  (rounded to the static shapes of `seq_lens` / patch budgets) with a `pair_mask`; with
+  `block = (index, count)`, this process's block of each (see the module docstring)."""
   entries = _entries(cfg, spec or cfg.data.eval)
   max_len = seq_lens(cfg)[-1]
-  bsz = max(1, cfg.train.batch_size // max(1, cfg.train.grad_accum))
+  total = max(1, cfg.train.batch_size // max(1, cfg.train.grad_accum))
+  index, count = block
+  if total % count:
+    raise UserError(f"an eval batch of {total} pairs cannot be split into {count} equal blocks")
+  bsz = total // count
 
   share_prompt = bool(cfg.data.get("share_prompt", False))
 
@@ -186,17 +271,123 @@ def eval_batches(cfg, processor, spec: str | None = None) -> Iterator[dict]:
     batch["pair_mask"] = (np.arange(bsz) < real).astype(np.float32)
     return batch
 
-  items = []
+  def filler():
+    """A usable pair of the file (its first) to pad a block that has none; None if none is."""
+    return next((enc for enc in map(encode, entries) if enc is not None), None)
+
+  starts = [k * total + index * bsz for k in range(math.ceil(len(entries) / total))]
+  slots = [range(s, min(s + bsz, len(entries))) for s in starts]
+  spare = None
   with ThreadPoolExecutor(max(1, int(cfg.data.num_workers))) as pool:
-    for enc in pool.map(encode, entries):
-      if enc is None:
-        continue
-      items.append(enc)
-      if len(items) == bsz:
-        yield emit(items, bsz)
-        items = []
-  if items:
-    yield emit(items, len(items))
+    # the next batch's records are encoded while this one is collated and evaluated
+    ahead = [pool.submit(encode, entries[i]) for i in slots[0]]
+    for k in range(len(slots)):
+      batch, error = None, None
+      try:
+        good = [e for e in (f.result() for f in ahead) if e is not None]
+        if k + 1 < len(slots):
+          ahead = [pool.submit(encode, entries[i]) for i in slots[k + 1]]
+        spare = spare or (good[0] if good else filler())
+        if spare is None:
+          return  # no usable pair in the whole file, on every process alike
+        batch = emit(good or [spare], len(good))
+      except Exception as e:  # noqa: BLE001 - every process must hear of it (see agree)
+        if count == 1:
+          raise
+        error = e
+      if count > 1:
+        (batch,), _ = agree([batch] if batch is not None else None, error)
+        batch = shd.offset_block(batch, index, int(processor.config.merge_size) ** 2)
+      yield batch
+
+
+class EvalData:
+  """`eval_batches` of a config as an iterable that the loop can point at its block."""
+
+  def __init__(self, cfg, processor):
+    self.cfg, self.processor, self.block = cfg, processor, (0, 1)
+
+  def set_block(self, index: int, count: int) -> None:
+    self.block = (int(index), int(count))
+
+  def __iter__(self):
+    return eval_batches(self.cfg, self.processor, block=self.block)
+
+
+# -- processes agreeing on one batch shape ---------------------------------------------------------
+
+_MAX_DIMS = 256  # the dimensions of every array of a batch, in one fixed-size message
+
+
+def _unique_blocks(rows: np.ndarray) -> np.ndarray:
+  """The gathered rows of one process per block (column 0: the block; processes feeding the same
+  block send the same numbers, which must count once)."""
+  _, first = np.unique(rows[:, 0], return_index=True)
+  return rows[np.sort(first)]
+
+
+def _signature(batch: dict) -> int:
+  text = ";".join(f"{k}:{np.ndim(v)}:{np.asarray(v).dtype}" for k, v in sorted(batch.items()))
+  return zlib.crc32(text.encode())
+
+
+def agree(
+  batches: list[dict] | None, error: BaseException | None, numbers: Sequence[int] = ()
+) -> tuple[list[dict], np.ndarray]:
+  """Pads this process's `batches` (micro-batches of one step, or one eval batch) to the shapes
+  common to every process's (the largest of each dimension) and returns them with every
+  process's `numbers` (as many on every process, failed or not), gathered `[processes, n]`. One
+  allgather on the calling (main) thread. If any process failed (`error`, or no `batches`) every
+  process raises: the failed one its own error, the others a UserError naming it."""
+  dims: list[int] = []
+  signature = 0
+  if error is None and batches:
+    signature = _signature(batches[0])
+    if any(_signature(b) != signature for b in batches):
+      error = RuntimeError("the micro-batches of one step hold different batch arrays")
+    else:
+      for k in sorted(batches[0]):
+        dims += [max(np.shape(b[k])[i] for b in batches) for i in range(np.ndim(batches[0][k]))]
+      if len(dims) > _MAX_DIMS:
+        error = RuntimeError(f"a batch with {len(dims)} dimensions: raise _MAX_DIMS")
+  failed = error is not None or not batches
+  if failed:
+    dims = []
+  head = 2 + len(numbers)
+  mine = np.zeros(head + _MAX_DIMS, np.int64)
+  mine[:head] = [int(failed), signature, *numbers]
+  mine[head : head + len(dims)] = dims
+  rows = multihost_utils.process_allgather(mine)
+  bad = [p for p, row in enumerate(rows) if row[0]]
+  if bad:
+    if error is not None:
+      raise error
+    raise UserError(
+      f"the input of process(es) {', '.join(map(str, bad))} failed (see their logs); stopping "
+      f"process {jax.process_index()} too"
+    )
+  if len(set(rows[:, 1].tolist())) != 1:
+    raise RuntimeError("processes collated different batch arrays (keys, ranks or dtypes)")
+  target = rows[:, head:].max(axis=0)
+  out, at = [dict(b) for b in batches], 0
+  for k in sorted(batches[0]):
+    ndim = np.ndim(batches[0][k])
+    shape = tuple(int(s) for s in target[at : at + ndim])
+    at += ndim
+    for b in out:
+      a = np.asarray(b[k])
+      if a.shape != shape:
+        b[k] = np.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
+  return out, rows[:, 2:head]
+
+
+def stack_micro(batches: list[dict]) -> dict:
+  """Micro-batches stacked on a new leading axis (padded to one shape first); one micro-batch
+  gets the axis as a view (no copy of the pixels)."""
+  if len(batches) == 1:
+    return {k: np.asarray(v)[None] for k, v in batches[0].items()}
+  batches = pad_to_common_shape(batches)
+  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
 
 def pad_to_common_shape(batches: list[dict]) -> list[dict]:
@@ -219,10 +410,11 @@ def default_data_factory(cfg, split: str, model_path: str | None):
   processor = make_processor(cfg, model_path)
   if split == "train":
     return TrainData(cfg, processor)
-  return eval_batches(cfg, processor)
+  return EvalData(cfg, processor)
 
 
-def _image_tokens(path, settings: dict) -> int:
+def image_tokens(path, settings: dict) -> int:
+  """Vision tokens of an image from its header's size, as the processor will resize it."""
   with Image.open(path) as im:  # reads the header only
     width, height = im.size
   patch, merge = int(settings["patch_size"]), int(settings["merge_size"])
@@ -262,7 +454,7 @@ def estimate_lengths(entries, processor, packed: bool = False) -> np.ndarray:
   ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
   for k, tokens, paths in zip(where, ids, images):
     try:
-      lengths[k] = len(tokens) + sum(_image_tokens(p, processor.image_settings) for p in paths)
+      lengths[k] = len(tokens) + sum(image_tokens(p, processor.image_settings) for p in paths)
     except (OSError, ValueError, UserError):
       lengths[k] = len(tokens)
   return lengths

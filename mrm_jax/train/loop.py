@@ -5,10 +5,17 @@ One run = build the mesh → build (or restore) the sharded train state → stre
 checkpoints is resumed from the latest one (parameters, optimizer, step, RNG and the input
 iterator's position), so a killed run continues exactly where the uninterrupted one would.
 
-Every process runs the same deterministic input pipeline and builds the same *global*
-batch; `sharding.put_batch` hands each device its slice. Host-computed indices (vision
-tokens, segment ids) therefore stay valid at any process count, at the cost of each host
-encoding the whole global batch.
+With several processes each one encodes only its block of every global batch: the pairs of its
+own devices (`sharding.process_block`; the input pipeline's lanes make the blocks' union the
+batch one process would build). The processes agree once per step on the block's shapes (one
+small allgather on the main thread, `train.data.agree`), shift their host-computed indices (vision
+tokens, items, segment ids) to where their block lands, and `sharding.join_blocks` assembles the
+global arrays on the devices, reordering a pair's rows when a block holds two per pair. The
+iterator state names global positions, so a run resumes on another number of processes with the
+batches an uninterrupted run would see; evaluation is split the same way. At the end each process
+logs `input: process I encoded K pairs` (its share of the work). A data source without blocks
+(`set_block`) yields the whole global batch on every process instead, as does a mesh that
+interleaves processes along its batch axes.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from mrm_jax.models import create_reward_model, get_family, hf_io, load_reward_m
 from mrm_jax.train import metrics as mx
 from mrm_jax.train import sharding as shd
 from mrm_jax.train.checkpoint import Checkpointer
-from mrm_jax.train.data import default_data_factory, pad_to_common_shape
+from mrm_jax.train.data import default_data_factory, stack_micro
 from mrm_jax.train.manifest import build_manifest, write_manifest
 from mrm_jax.train.optimizer import make_optimizer
 from mrm_jax.train.step import Trainer, is_vision_path, split_model
@@ -177,13 +184,14 @@ class Setup:
 # -- data ------------------------------------------------------------------------------------------
 
 
-def _stack_micro(batches: list[dict]) -> dict:
-  """Micro-batches stacked on a new leading axis; one micro-batch gets the axis as a view (no
-  copy of the pixels)."""
-  if len(batches) == 1:
-    return {k: np.asarray(v)[None] for k, v in batches[0].items()}
-  batches = pad_to_common_shape(batches)
-  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
+_stack_micro = stack_micro  # micro-batches on a leading axis (benchmarks and tests use this name)
+
+
+def _pairs(batch: dict) -> int:
+  """Pairs of a host batch (its `strength` has one entry per pair)."""
+  if "strength" in batch:
+    return int(np.size(batch["strength"]))
+  return int(np.shape(batch["input_ids"])[-2]) // 2
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -229,11 +237,12 @@ def _model_flops_spec(setup: Setup, state) -> dict:
   return spec
 
 
-def evaluate(setup: Setup, state, batches) -> dict:
-  """Mean loss / accuracy / margin over every real pair of `batches` (a finite iterable)."""
+def evaluate(setup: Setup, state, batches, block: tuple[int, int] = (0, 1)) -> dict:
+  """Mean loss / accuracy / margin over every real pair of `batches` (a finite iterable of this
+  process's `block` of each batch, see `sharding.put_batch`)."""
   total: dict[str, float] = {}
   for batch in batches:
-    out = _to_float(setup.trainer.eval_step(state, shd.put_batch(batch, setup.mesh)))
+    out = _to_float(setup.trainer.eval_step(state, shd.put_batch(batch, setup.mesh, block=block)))
     for k, v in out.items():
       total[k] = total.get(k, 0.0) + v
   n = total.pop("count", 0.0)
@@ -253,9 +262,10 @@ class _Throughput:
   def reset(self) -> None:
     self.tokens, self.steps, self.flops, self.t0 = 0, 0, 0.0, time.time()
 
-  def add(self, host: dict, micro: int) -> None:
+  def measure(self, host: dict) -> tuple[int, int]:
+    """(tokens, vision patches counted per row) of a host batch."""
     mask = host.get("attention_mask")
-    self.tokens += int(mask.sum()) if mask is not None else host["input_ids"].size
+    tokens = int(mask.sum()) if mask is not None else host["input_ids"].size
     ids = self.flops_spec.get("vision_token_ids")
     if ids:
       vision_tokens = int(np.isin(host["input_ids"], ids).sum())
@@ -263,8 +273,17 @@ class _Throughput:
     else:
       seg = host.get("vision_segment_ids")
       patches = int((seg > 0).sum()) if seg is not None else 0
+    return tokens, patches
+
+  def add(
+    self, host: dict, micro: int, totals: tuple[int, int] | None = None, blocks: int = 1
+  ) -> None:
+    """One step: `host` is this process's block of `blocks` (equal shapes), `totals` the
+    `measure` of the whole step batch (default: of `host`)."""
+    tokens, patches = self.measure(host) if totals is None else totals
+    self.tokens += tokens
     rows, seq = host["input_ids"].shape[-2:]
-    self.flops += micro * mx.step_flops(self.flops_spec, rows, seq, patches // micro)
+    self.flops += micro * mx.step_flops(self.flops_spec, rows * blocks, seq, patches // micro)
     self.steps += 1
 
   def rates(self) -> dict:
@@ -275,21 +294,33 @@ class _Throughput:
     return out
 
 
-def _step_batches(train_data, micro: int):
-  """Host batches of one step each (a leading micro-batch axis), epoch after epoch."""
+def _step_batches(train_data, micro: int, measure):
+  """(host batch of one step (a leading micro-batch axis), `measure` of the whole step batch),
+  epoch after epoch. A data source with blocks assembles them (`TrainData.assemble_step`): its
+  errors go there too, so that every process stops, not only the one whose input failed."""
+  assemble = getattr(train_data, "assemble_step", None)
   it = iter(train_data)
   while True:
-    parts = []
-    while len(parts) < micro:
-      try:
-        parts.append(next(it))
-      except StopIteration:
-        it = iter(train_data)  # next epoch: pipelines re-shuffle deterministically per epoch
-        batch = next(it, None)
-        if batch is None:
-          raise UserError("the training data yields no batch") from None
-        parts.append(batch)
-    yield _stack_micro(parts)
+    parts, error = [], None
+    try:
+      while len(parts) < micro:
+        try:
+          parts.append(next(it))
+        except StopIteration:
+          it = iter(train_data)  # next epoch: pipelines re-shuffle deterministically per epoch
+          batch = next(it, None)
+          if batch is None:
+            raise UserError("the training data yields no batch") from None
+          parts.append(batch)
+    except Exception as e:
+      if assemble is None:
+        raise
+      error = e
+    if assemble is None:
+      host = _stack_micro(parts)
+      yield host, measure(host)
+    else:
+      yield assemble(parts, error, measure)
 
 
 def _num_steps(tc, train_data) -> int:
@@ -372,6 +403,16 @@ def train(
     cfg, num_steps=num_steps, model_factory=model_factory, init_from=init_from, devices=devices
   )
   primary = jax.process_index() == 0
+  # this process's block of every global batch (every process builds the whole batch when the
+  # data source cannot split it)
+  block = shd.process_block(setup.mesh) if hasattr(train_data, "set_block") else (0, 1)
+  if block[1] > 1:
+    try:
+      train_data.set_block(*block)
+    except UserError as e:  # the same on every process
+      log.warning("%s: every process encodes the whole global batch", e)
+      block = (0, 1)
+  encoded = {"train": 0, "eval": 0}
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
   state, resumed_from = _restore_or_init(setup, ckpt, train_data)
   start = int(jax.device_get(state["step"]))
@@ -406,7 +447,17 @@ def train(
   def run_eval(step: int) -> dict | None:
     if not cfg.data.eval:
       return None
-    result = evaluate(setup, state, data_factory(cfg, "eval", model_path))
+    data = data_factory(cfg, "eval", model_path)
+    eval_block = block if block[1] > 1 and hasattr(data, "set_block") else (0, 1)
+    if eval_block[1] > 1:
+      data.set_block(*eval_block)
+
+    def counted():
+      for batch in data:
+        encoded["eval"] += int(np.sum(batch["pair_mask"])) if "pair_mask" in batch else 0
+        yield batch
+
+    result = evaluate(setup, state, counted(), eval_block)
     metrics_log.write({"step": step, "split": "eval", **result})
     if tb:
       tb.scalars(step, result, prefix="eval/")
@@ -432,15 +483,18 @@ def train(
       bar.update(step - bar.n)
       bar.set_postfix(loss=f"{loss:.4f}")
 
-  batches = _step_batches(train_data, micro)
+  batches = _step_batches(train_data, micro, throughput.measure)
   last: dict = {}
   last_eval = None
   pending = None  # (step, metrics) of the last step whose loss has not been read yet
   try:
     for step in range(start + 1, num_steps + 1):
-      host = next(batches)
-      throughput.add(host, micro)
-      state, m = setup.trainer.train_step(state, shd.put_batch(host, setup.mesh, leading=1))
+      host, totals = next(batches)
+      throughput.add(host, micro, totals, block[1])
+      encoded["train"] += _pairs(host)
+      state, m = setup.trainer.train_step(
+        state, shd.put_batch(host, setup.mesh, leading=1, block=block)
+      )
       if step == start + 1 and step % log_every:  # compile time is not throughput
         throughput.reset()
       if pending:
@@ -473,6 +527,7 @@ def train(
     if start < num_steps or last_eval is None:
       last_eval = run_eval(num_steps)
   finally:
+    _log_encoded(encoded, train_data, block)
     # Release the tf.data iterator now, not at interpreter shutdown (where TF logs an error for
     # it): tf.numpy_function keeps the pipeline's bound methods alive.
     batches.close()
@@ -495,6 +550,20 @@ def train(
     "checkpoint": str(ckpt.directory / str(num_steps)),
     "seconds": round(time.time() - t_start, 3),
   }
+
+
+def _log_encoded(encoded: dict, train_data, block: tuple[int, int]) -> None:
+  """The one line that tells this process's share of the input work, checkable from outside."""
+  ahead = getattr(getattr(train_data, "pipeline", None), "read_ahead", 0)
+  log.info(
+    "input: process %d encoded %d pairs (%d in training batches, %d evaluated; block %d of %d%s)",
+    jax.process_index(),
+    encoded["train"] + encoded["eval"],
+    encoded["train"],
+    encoded["eval"],
+    *block,
+    f"; {ahead} more records read ahead" if ahead > 0 else "",
+  )
 
 
 # -- loading a trained model -----------------------------------------------------------------------
