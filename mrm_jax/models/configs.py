@@ -23,6 +23,18 @@ TOP_KEYS = (
 TINY_TOKEN_IDS = dict(
   vision_start_token_id=504, vision_end_token_id=505, image_token_id=506, video_token_id=507
 )
+# The language model every family's tiny preset shares (each adds what its TextConfig needs).
+TINY_TEXT = dict(
+  vocab_size=512,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  rope_theta=10000.0,
+  mrope_section=(2, 3, 3),
+  max_position_embeddings=4096,
+)
 
 
 def rope_fields(d: dict) -> dict:

@@ -154,19 +154,7 @@ class Config(configs.VisionLanguageConfig):
 
 PRESETS: dict[str, Config] = {
   "tiny": Config(
-    text=TextConfig(
-      vocab_size=512,
-      hidden_size=64,
-      intermediate_size=128,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      rope_theta=10000.0,
-      mrope_section=(2, 3, 3),
-      max_position_embeddings=4096,
-      bos_token_id=500,
-      eos_token_id=502,
-    ),
+    text=TextConfig(**configs.TINY_TEXT, bos_token_id=500, eos_token_id=502),
     vision=VisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=2),
     **configs.TINY_TOKEN_IDS,
   ),

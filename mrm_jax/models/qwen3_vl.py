@@ -222,18 +222,7 @@ _SMALL_VISION = dict(
 
 PRESETS: dict[str, Config] = {
   "tiny": Config(
-    text=TextConfig(
-      vocab_size=512,
-      hidden_size=64,
-      intermediate_size=128,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      head_dim=16,
-      rope_theta=10000.0,
-      mrope_section=(2, 3, 3),
-      max_position_embeddings=4096,
-    ),
+    text=TextConfig(**configs.TINY_TEXT, head_dim=16),
     # an 8x8 learned position grid, resampled up and down to the test images' grids
     vision=VisionConfig(
       depth=3,
