@@ -38,21 +38,25 @@ from mrm_jax.train import step as train_step_module
 from mrm_jax.train.loop import Setup, train
 
 
-def host_batch(cfg_model, pairs: int, text: int, img: int) -> dict:
+def host_batch(cfg_model, pairs: int, text: int, img: int, pixel_dtype="float32") -> dict:
   examples, seq_len = bench.synthetic_examples(
     cfg_model, get_family("qwen2_vl"), 2 * pairs, text, img
   )
-  return collate(
+  batch = collate(
     examples,
     seq_len,
     merge_size=cfg_model.merge_size,
     patch_dim=cfg_model.vision.patch_dim,
     strength=np.zeros(pairs, np.float32),
   )
+  # what the training pipeline's workers collate (mrm_jax/train/data.py `make_processor`)
+  batch["pixel_values"] = batch["pixel_values"].astype(jnp.dtype(pixel_dtype))
+  return batch
 
 
-def config(pairs: int, steps: int):
+def config(pairs: int, steps: int, dtype: str = "float32"):
   cfg = base_config()
+  cfg.model.dtype = dtype
   cfg.model.family, cfg.model.preset = "qwen2_vl", "tiny"
   cfg.train.batch_size, cfg.train.num_steps = pairs, steps + 1
   cfg.train.log_every = steps + 1  # one window: steps 2..N+1 (step 1 compiles)
@@ -122,13 +126,24 @@ def main(argv=None):
   p.add_argument("--img", type=int, default=448, help="image side (one image per sequence)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--null-step", action="store_true", help="also time the loop around a null step")
+  p.add_argument(
+    "--null-only", action="store_true", help="time only the loop around a null step (quick)"
+  )
+  p.add_argument(
+    "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
+  )
+  p.add_argument(
+    "--pixel-dtype",
+    choices=("float32", "bfloat16"),
+    help="dtype of the batch's pixel_values (default: what training collates for --dtype)",
+  )
   a = p.parse_args(argv)
-  cfg = config(a.pairs, a.steps)
+  cfg = config(a.pairs, a.steps, a.dtype)
   model_cfg = get_family("qwen2_vl").PRESETS["tiny"]
-  batch = host_batch(model_cfg, a.pairs, a.text, a.img)
-  device = device_step_seconds(cfg, batch, a.steps)
-  loop = loop_step_seconds(cfg, batch)
-  host_only = null_loop_step_seconds(cfg, batch) if a.null_step else None
+  batch = host_batch(model_cfg, a.pairs, a.text, a.img, a.pixel_dtype or a.dtype)
+  device = None if a.null_only else device_step_seconds(cfg, batch, a.steps)
+  loop = None if a.null_only else loop_step_seconds(cfg, batch)
+  host_only = null_loop_step_seconds(cfg, batch) if a.null_step or a.null_only else None
   print(
     json.dumps(
       {
@@ -136,11 +151,13 @@ def main(argv=None):
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "pairs": a.pairs,
+        "dtype": a.dtype,
+        "pixel_dtype": str(batch["pixel_values"].dtype),
         "seq": int(batch["input_ids"].shape[1]),
         "batch_mb": round(sum(np.asarray(v).nbytes for v in batch.values()) / 2**20, 1),
-        "loop_step_s": round(loop, 4),
-        "device_step_s": round(device, 4),
-        "host_s_per_step": round(max(loop - device, 0.0), 4),
+        "loop_step_s": None if loop is None else round(loop, 4),
+        "device_step_s": None if device is None else round(device, 4),
+        "host_s_per_step": None if loop is None else round(max(loop - device, 0.0), 4),
         "null_step_loop_s": None if host_only is None else round(host_only, 4),
       }
     )

@@ -213,3 +213,37 @@ def test_throughput_counts_each_rows_images_like_the_peer():
   t.add(host, micro=1)
   assert t.flops == pytest.approx(mx.step_flops(spec, 2, 8, 24))
   assert t.tokens == 16 and t.steps == 1
+
+
+def test_bf16_training_collates_bf16_pixels_with_the_same_rewards(tmp_path):
+  """With model.dtype bfloat16 the training processor collates pixel_values as bfloat16: half the
+  bytes each step copies to the device. The patch embedding computes in bfloat16 anyway and the
+  host's cast rounds as the device's would, so the rewards are bit-identical."""
+  from flax import nnx
+  from model_fixtures import tiny_processor
+  from PIL import Image
+
+  from mrm_jax.models import create_reward_model
+  from mrm_jax.train.data import make_processor
+
+  tiny_processor(tmp_path, max_pixels=112 * 112)
+  cfg = base_config()
+  assert make_processor(cfg, str(tmp_path)).pixel_dtype == np.float32
+  cfg.model.dtype = "bfloat16"
+  proc = make_processor(cfg, str(tmp_path))
+  assert proc.pixel_dtype == jnp.bfloat16
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (100, 90, 3), np.uint8)).save(tmp_path / "a.png")
+  rec = {"images": ["a.png"], "question": "<image>What is shown?", "answer": "Noise."}
+  enc = proc.encode(rec, tmp_path, max_len=512)
+  half = proc.collate([enc, enc], 128)
+  assert half["pixel_values"].dtype == jnp.bfloat16 and half["pixel_values"].size > 0
+  proc.pixel_dtype = np.dtype(np.float32)
+  full = proc.collate([enc, enc], 128)
+  assert full["pixel_values"].dtype == np.float32
+  assert half["pixel_values"].nbytes * 2 == full["pixel_values"].nbytes
+
+  model = create_reward_model("qwen2_vl", proc.config, nnx.Rngs(0), dtype="bfloat16")
+  r_half, r_full = (np.asarray(model(b), np.float32) for b in (half, full))
+  np.testing.assert_array_equal(r_half, r_full)
+  assert np.all(np.isfinite(r_half))

@@ -62,12 +62,13 @@ A family module defines:
     never built or computed. `attention`: "xla" | "cudnn" (`RewardModel` resolves "auto" / None
     with `common.resolve_attention`). The batch keys it reads:
       input_ids [B,T] int32, attention_mask [B,T] int32 (1 = token), position_ids [3,B,T] int32,
-      pixel_values [P, C*tp*p*p] float32 (P = static patch budget, a multiple of merge_size**2; may
-      be 0), vision_segment_ids [P] int32 (0 = padding patch; one id per image / video frame), plus
-      the family's per-patch arrays (below), and optionally (what `collate` adds, see
-      vision_layout.py) the per-item attention layouts `vision_items_*` (`vision_windows_*`),
-      without which vision attention runs over the whole sequence under a block-diagonal mask, and
-      `vision_token_offset [B]` (each row's first merged vision token: rows may share them).
+      pixel_values [P, C*tp*p*p] float32 or bfloat16 (P = static patch budget, a multiple of
+      merge_size**2; may be 0), vision_segment_ids [P] int32 (0 = padding patch; one id per image /
+      video frame), plus the family's per-patch arrays (below), and optionally (what `collate`
+      adds, see vision_layout.py) the per-item attention layouts `vision_items_*`
+      (`vision_windows_*`), without which vision attention runs over the whole sequence under a
+      block-diagonal mask, and `vision_token_offset [B]` (each row's first merged vision token:
+      rows may share them).
       Placeholder tokens (image_token_id / video_token_id) receive the merged vision tokens in
       order of appearance (row-major over the batch).
 `hf_param_map(cfg) -> list[tuple[str, tuple, str]]`  (defined in `<family>_params.py`)

@@ -434,6 +434,10 @@ class Processor:
       )
     self.tokenizer, self.family, self.config = tokenizer, family, config
     self.image_preprocess = image_preprocess
+    # dtype of the collated `pixel_values`: training sets bfloat16 when it computes in bfloat16 (the
+    # patch embedding casts them to that anyway; the host cast rounds the same way), which halves
+    # the bytes every step copies to the device.
+    self.pixel_dtype = np.dtype(np.float32)
     self.template: str | None = None
     self.lf_image_max_pixels = int(lf_image_max_pixels)
     self.lf_image_min_pixels = int(lf_image_min_pixels)
@@ -746,6 +750,7 @@ class Processor:
       strength=strength,
       share=share,
       layout_sizes=layout_sizes,
+      pixel_dtype=self.pixel_dtype,
     )
 
   def collate_pairs(
@@ -792,6 +797,7 @@ def collate(
   strength: Sequence[float] | None = None,
   share: Sequence[int | None] | None = None,
   layout_sizes: dict | None = None,
+  pixel_dtype=np.float32,
 ) -> dict[str, np.ndarray]:
   """Static-shape batch (right padding). `patch_budget` (a multiple of merge_size**2) bounds the
   vision patches of the whole batch; None = exactly what the examples need. Each image / video frame
@@ -821,7 +827,7 @@ def collate(
     "input_ids": np.full((b, seq_len), pad_id, np.int32),
     "attention_mask": np.zeros((b, seq_len), np.int32),
     "position_ids": np.zeros((3, b, seq_len), np.int32),
-    "pixel_values": np.zeros((patch_budget, patch_dim), np.float32),
+    "pixel_values": np.zeros((patch_budget, patch_dim), pixel_dtype),
     "vision_segment_ids": np.zeros((patch_budget,), np.int32),
   }
   for e in examples:

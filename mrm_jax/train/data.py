@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
@@ -55,7 +56,7 @@ def make_processor(cfg, model_path: str | None):
       "directory holding config.json and the tokenizer files"
     )
   fam, mcfg = hf_io.family_and_config(model_path)
-  return Processor.from_pretrained(
+  proc = Processor.from_pretrained(
     model_path,
     fam,
     mcfg,
@@ -64,6 +65,8 @@ def make_processor(cfg, model_path: str | None):
     image_preprocess=cfg.data.get("image_preprocess", None),
     template=cfg.data.get("template", None),
   )
+  proc.pixel_dtype = np.dtype(ml_dtypes.bfloat16 if cfg.model.dtype == "bfloat16" else np.float32)
+  return proc
 
 
 def _entries(cfg, spec: str):
