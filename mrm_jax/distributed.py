@@ -25,6 +25,7 @@ import os
 import re
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from mrm_jax.errors import UserError
@@ -157,3 +158,18 @@ def barrier(name: str) -> None:
   """Every process waits here until all have arrived (a no-op in a single process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def allgather_or_stop(row, failed: bool, error: BaseException | None, message: str) -> np.ndarray:
+  """Every process's `row` (integers, as many on every process), gathered `[processes, n]`, with a
+  flag for the processes that failed. If any failed, every process raises: the failed one its own
+  `error`, the others (and a failed one without an error) `UserError(message)`, whose
+  `{processes}` names the failed ones. One allgather, on the calling thread."""
+  mine = np.concatenate([[int(failed)], np.asarray(row, np.int64)])
+  got = multihost_utils.process_allgather(mine)
+  bad = [p for p, r in enumerate(got) if r[0]]
+  if bad:
+    if failed and error is not None:
+      raise error
+    raise UserError(message.format(processes=", ".join(map(str, bad))))
+  return got[:, 1:]

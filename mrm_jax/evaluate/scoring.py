@@ -36,10 +36,10 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from mrm_jax import distributed
 from mrm_jax.data.records import normalize_scoring, resolve_image
 from mrm_jax.errors import UserError
 from mrm_jax.io import iter_jsonl
@@ -329,26 +329,23 @@ _LAYOUT_NAMES = tuple(sorted(vision_layout.LAYOUTS))
 def _agree_needs(longest: int, most: int, layout: dict, error) -> tuple[int, int, dict]:
   """The step's needs over every process's sub-batches (each process knows only its own): one
   allgather; a process that failed to encode makes every process raise."""
-  mine = [int(error is not None), longest, most]
+  mine = [longest, most]
   for name in _LAYOUT_NAMES:
     rows, width = layout.get(name, (0, 0))
     mine += [int(name in layout), rows, width]
-  got = multihost_utils.process_allgather(np.asarray(mine, np.int64))
-  bad = [p for p, row in enumerate(got) if row[0]]
-  if bad:
-    if error is not None:
-      raise error
-    raise UserError(
-      f"scoring stopped: process(es) {', '.join(map(str, bad))} could not encode their records "
-      "(see their logs)"
-    )
+  got = distributed.allgather_or_stop(
+    mine,
+    error is not None,
+    error,
+    "scoring stopped: process(es) {processes} could not encode their records (see their logs)",
+  )
   top = got.max(axis=0)
   layout = {
-    name: (int(top[4 + 3 * n]), int(top[5 + 3 * n]))
+    name: (int(top[3 + 3 * n]), int(top[4 + 3 * n]))
     for n, name in enumerate(_LAYOUT_NAMES)
-    if top[3 + 3 * n]
+    if top[2 + 3 * n]
   }
-  return int(top[1]), int(top[2]), layout
+  return int(top[0]), int(top[1]), layout
 
 
 def _empty_like(processor):

@@ -34,6 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from mrm_jax import distributed
 from mrm_jax.data import pipeline as pl
 from mrm_jax.data.records import normalize_pair, pair_to_scoring, resolve_image
 from mrm_jax.errors import UserError
@@ -356,20 +357,18 @@ def agree(
   failed = error is not None or not batches
   if failed:
     dims = []
-  head = 2 + len(numbers)
+  head = 1 + len(numbers)
   mine = np.zeros(head + _MAX_DIMS, np.int64)
-  mine[:head] = [int(failed), signature, *numbers]
+  mine[:head] = [signature, *numbers]
   mine[head : head + len(dims)] = dims
-  rows = multihost_utils.process_allgather(mine)
-  bad = [p for p, row in enumerate(rows) if row[0]]
-  if bad:
-    if error is not None:
-      raise error
-    raise UserError(
-      f"the input of process(es) {', '.join(map(str, bad))} failed (see their logs); stopping "
-      f"process {jax.process_index()} too"
-    )
-  if len(set(rows[:, 1].tolist())) != 1:
+  rows = distributed.allgather_or_stop(
+    mine,
+    failed,
+    error,
+    "the input of process(es) {processes} failed (see their logs); stopping process "
+    f"{jax.process_index()} too",
+  )
+  if len(set(rows[:, 0].tolist())) != 1:
     raise RuntimeError("processes collated different batch arrays (keys, ranks or dtypes)")
   target = rows[:, head:].max(axis=0)
   out, at = [dict(b) for b in batches], 0
@@ -381,7 +380,7 @@ def agree(
       a = np.asarray(b[k])
       if a.shape != shape:
         b[k] = np.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
-  return out, rows[:, 2:head]
+  return out, rows[:, 1:head]
 
 
 def stack_micro(batches: list[dict]) -> dict:
